@@ -1,0 +1,539 @@
+"""Dataset names and folders -> Schema (labels, sparse and dense fields, field groups, gAUC id).
+
+Used by `mtldsl check/compile` to resolve `fields all` / `fields user` at compile time, so it imports
+neither torch nor pandas: named datasets have fixed schemas written here, folders are read with the
+stdlib `csv`/`json` modules (a Parquet folder without `schema.json` loads pyarrow lazily). This module
+never writes: runtime/data.py saves an inferred schema as `schema.json` beside the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "DataError",
+    "DatasetInfo",
+    "DatasetNotFound",
+    "KNOWN_DATASETS",
+    "KNOWN_LABELS",
+    "SPLITS",
+    "Schema",
+    "UnknownGroup",
+    "data_roots",
+    "field_group",
+    "find_split_files",
+    "infer_schema",
+    "known_groups",
+    "resolve_folder",
+    "schema_for",
+    "schema_from_json",
+    "schema_to_json",
+]
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+DATA_SUFFIXES = (".parquet", ".csv")
+# Column names taken as labels when a folder's schema is inferred and no labels are given.
+KNOWN_LABELS = ("click", "purchase", "conversion", "income", "marital status", "label", "ctr", "cvr")
+# Column names taken as the gAUC group id when a folder's schema is inferred.
+KNOWN_GROUP_IDS = ("user_id", "userid", "uid", "search_id", "session_id")
+INFER_ROWS = 5000
+SCHEMA_FILE = "schema.json"
+_INT = re.compile(r"[+-]?\d+")
+_SPECIAL_GROUPS = ("all", "sparse", "dense", "none")
+
+
+class DataError(ValueError):
+    """Bad data or schema; the message names the file, column and (1-based data) row."""
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A named dataset or a folder is absent; the message says where it was looked for and how to get it."""
+
+    def __str__(self) -> str:  # FileNotFoundError would print "(errno) None" otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownGroup(KeyError):
+    """A field group the schema does not define; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str
+    labels: tuple[str, ...]  # label columns (0/1 for binary tasks)
+    sparse: tuple[str, ...]  # categorical id columns, in file/column order
+    dense: tuple[str, ...]  # numeric columns
+    groups: Mapping[str, tuple[str, ...]]  # e.g. {"user": (...), "item": (...)}; always has "all" (= sparse)
+    user_id: str | None  # the gAUC group column (may or may not be a feature)
+    vocab_sizes: Mapping[str, int] | None = None  # max id + 1 per sparse field; known after loading data
+
+    def __post_init__(self) -> None:
+        if "all" not in self.groups:
+            object.__setattr__(self, "groups", {"all": self.sparse, **self.groups})
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column the loader needs: labels, sparse, dense and the group id, without repeats."""
+        extra = (self.user_id,) if self.user_id else ()
+        return tuple(dict.fromkeys((*self.labels, *self.sparse, *self.dense, *extra)))
+
+    def vocab(self, fields: Sequence[str]) -> tuple[int, ...]:
+        """Vocabulary sizes of `fields`, in that order (for a FusedEmbedding)."""
+        if self.vocab_sizes is None:
+            raise ValueError(f"schema '{self.name}' has no vocabulary sizes yet: load the data first")
+        return tuple(self.vocab_sizes[f] for f in fields)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    title: str
+    schema: Schema
+    file_prefix: str  # torch-rechub's sample layout: <prefix>_<split>_sample.csv
+    folder_names: tuple[str, ...]  # accepted folder names under a data root
+    source: str  # where to get the raw files
+    prepare: str | None  # the command that turns raw files into the folder layout
+    has_val: bool = True
+    note: str = field(default="", compare=False)
+
+
+# --- named datasets --------------------------------------------------------------------------------
+
+_ALI_CCP_USER = ("101", "121", "122", "124", "125", "126", "127", "128", "129")
+_ALI_CCP_BEHAVIOUR = ("109_14", "110_14", "127_14", "150_14")
+_ALI_CCP_ITEM = ("205", "206", "207", "210", "216")
+_ALI_CCP_CONTEXT = ("508", "509", "702", "853", "301")
+# File/column order of the Ali-CCP sample (and of the synthetic dataset).
+_ALI_CCP_SPARSE = (*_ALI_CCP_USER, *_ALI_CCP_ITEM, "508", "509", "702", "853", "301", *_ALI_CCP_BEHAVIOUR)
+_ALI_CCP_DENSE = ("D109_14", "D110_14", "D127_14", "D150_14", "D508", "D509", "D702", "D853")
+
+
+def _ali_ccp_schema(name: str) -> Schema:
+    return Schema(
+        name=name,
+        labels=("click", "purchase"),
+        sparse=_ALI_CCP_SPARSE,
+        dense=_ALI_CCP_DENSE,
+        groups={
+            "all": _ALI_CCP_SPARSE,
+            "user": (*_ALI_CCP_USER, *_ALI_CCP_BEHAVIOUR),
+            "user_profile": _ALI_CCP_USER,
+            "user_behaviour": _ALI_CCP_BEHAVIOUR,
+            "item": _ALI_CCP_ITEM,
+            "context": _ALI_CCP_CONTEXT,
+            "user_id": ("101",),
+            "item_id": ("205",),
+        },
+        user_id="101",
+    )
+
+
+_CENSUS_DENSE = (
+    "age",
+    "wage per hour",
+    "capital gains",
+    "capital losses",
+    "divdends from stocks",
+    "num persons worked for employer",
+    "weeks worked in year",
+)
+_CENSUS_SPARSE = (
+    "class of worker",
+    "industry code",
+    "occupation code",
+    "education",
+    "enrolled in edu inst last wk",
+    "major industry code",
+    "major occupation code",
+    "race",
+    "hispanic origin",
+    "sex",
+    "member of a labor union",
+    "reason for unemployment",
+    "full or part time employment stat",
+    "tax filer status",
+    "region of previous residence",
+    "state of previous residence",
+    "detailed household and family stat",
+    "detailed household summary in household",
+    "migration code-change in msa",
+    "migration code-change in reg",
+    "migration code-move within reg",
+    "live in this house 1 year ago",
+    "migration prev res in sunbelt",
+    "family members under 18",
+    "country of birth father",
+    "country of birth mother",
+    "country of birth self",
+    "citizenship",
+    "own business or self employed",
+    "fill inc questionnaire for veterans admin",
+    "veterans benefits",
+    "year",
+)
+_ALIEXPRESS_SPARSE = tuple(f"categorical_{i}" for i in range(1, 17))
+_ALIEXPRESS_DENSE = tuple(f"numerical_{i}" for i in range(1, 64))
+
+_TIANCHI = "https://tianchi.aliyun.com/dataset/"
+
+KNOWN_DATASETS: dict[str, DatasetInfo] = {
+    "synthetic": DatasetInfo(
+        name="synthetic",
+        title="Synthetic Ali-CCP-shaped data with planted task-conflicting preferences",
+        schema=_ali_ccp_schema("synthetic"),
+        file_prefix="synthetic",
+        folder_names=(),
+        source="built in: generated on the fly by mtldsl.runtime.data",
+        prepare=None,
+    ),
+    "ali_ccp": DatasetInfo(
+        name="ali_ccp",
+        title="Ali-CCP (Alibaba Click and Conversion Prediction)",
+        schema=_ali_ccp_schema("ali_ccp"),
+        file_prefix="ali_ccp",
+        folder_names=("ali_ccp", "ali-ccp"),
+        source=f'Tianchi dataset 408 "Alibaba Click and Conversion Prediction" ({_TIANCHI}408)',
+        prepare="mtldsl data prepare ali_ccp --raw DIR",
+    ),
+    "census_income": DatasetInfo(
+        name="census_income",
+        title="UCI Census-Income (KDD)",
+        schema=Schema(
+            name="census_income",
+            labels=("income", "marital status"),
+            sparse=_CENSUS_SPARSE,
+            dense=_CENSUS_DENSE,
+            groups={"all": _CENSUS_SPARSE},
+            user_id=None,
+        ),
+        file_prefix="census_income",
+        folder_names=("census_income", "census-income"),
+        source="UCI KDD census-income (https://archive.ics.uci.edu/dataset/117/census+income+kdd)",
+        prepare="mtldsl data prepare census_income --raw DIR",
+    ),
+    "aliexpress": DatasetInfo(
+        name="aliexpress",
+        title="AliExpress search logs (AliExpress_NL and friends)",
+        schema=Schema(
+            name="aliexpress",
+            labels=("click", "conversion"),
+            sparse=_ALIEXPRESS_SPARSE,
+            dense=_ALIEXPRESS_DENSE,
+            groups={"all": _ALIEXPRESS_SPARSE},
+            user_id="search_id",  # gAUC per search; not a feature
+        ),
+        file_prefix="aliexpress",
+        folder_names=("aliexpress",),
+        source=f"Tianchi dataset 74690 ({_TIANCHI}74690)",
+        prepare="mtldsl data prepare aliexpress --raw DIR",
+        has_val=False,
+        note="no validation split: 10% of train is held out as val",
+    ),
+}
+
+
+def _normalise_name(source: str) -> str | None:
+    key = source.strip().lower().replace("-", "_")
+    return key if key in KNOWN_DATASETS else None
+
+
+# --- field groups ---------------------------------------------------------------------------------
+
+
+def known_groups(schema: Schema) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*_SPECIAL_GROUPS, *schema.groups)))
+
+
+def field_group(schema: Schema, group: str) -> tuple[str, ...]:
+    """The fields of a named group: all/sparse, dense, none, or one of the schema's groups."""
+    if group in ("all", "sparse"):
+        return schema.sparse
+    if group == "dense":
+        return schema.dense
+    if group == "none":
+        return ()
+    try:
+        return tuple(schema.groups[group])
+    except KeyError:
+        known = ", ".join(known_groups(schema))
+        raise UnknownGroup(f"dataset '{schema.name}' has no field group '{group}' (known: {known})") from None
+
+
+# --- folders --------------------------------------------------------------------------------------
+
+
+def data_roots(data_dir: str | Path | None = None) -> list[Path]:
+    """Where named datasets are looked for, in order: data_dir, $MTLDSL_DATA, ~/.mtldsl/data."""
+    roots = []
+    if data_dir is not None:
+        roots.append(Path(data_dir).expanduser())
+    env = os.environ.get("MTLDSL_DATA")
+    if env:
+        roots.extend(Path(p).expanduser() for p in env.split(os.pathsep) if p)
+    roots.append(Path.home() / ".mtldsl" / "data")
+    return list(dict.fromkeys(roots))
+
+
+def find_split_files(folder: Path, prefix: str | None = None) -> dict[str, Path]:
+    """The data file of each split present in `folder` (train.csv / train.parquet / <prefix>_train_sample.csv …)."""
+    folder = Path(folder)
+    found: dict[str, Path] = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        candidates: list[Path] = []
+        for alias in aliases:
+            for suffix in DATA_SUFFIXES:
+                candidates.append(folder / f"{alias}{suffix}")
+                if prefix:
+                    candidates.append(folder / f"{prefix}_{alias}_sample{suffix}")
+                    candidates.append(folder / f"{prefix}_{alias}{suffix}")
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is None:  # any single <something>_<split>[_sample].<suffix>
+            globbed = sorted(
+                p
+                for alias in aliases
+                for suffix in DATA_SUFFIXES
+                for pattern in (f"*_{alias}{suffix}", f"*_{alias}_sample{suffix}")
+                for p in folder.glob(pattern)
+                if p.is_file()
+            )
+            if len(globbed) == 1:
+                hit = globbed[0]
+            elif len(globbed) > 1:
+                names = ", ".join(p.name for p in globbed)
+                raise DataError(f"{folder}: several {split} files ({names}); keep one or name it {split}.csv")
+        if hit is not None:
+            found[split] = hit
+    return found
+
+
+def resolve_folder(name: str, data_dir: str | Path | None = None) -> Path:
+    """The folder of a named dataset, or DatasetNotFound saying where it was looked for and how to get it."""
+    key = _normalise_name(name)
+    if key is None:
+        known = ", ".join(KNOWN_DATASETS)
+        raise DatasetNotFound(f"unknown dataset '{name}': not a folder and not one of {known}")
+    info = KNOWN_DATASETS[key]
+    if not info.folder_names:
+        raise DatasetNotFound(f"dataset '{key}' is built in and has no folder")
+    looked: list[Path] = []
+    for root in data_roots(data_dir):
+        for folder_name in info.folder_names:
+            folder = root / folder_name
+            looked.append(folder)
+            if folder.is_dir() and "train" in find_split_files(folder, info.file_prefix):
+                return folder
+    where = "\n".join(f"  {p}" for p in looked)
+    layout = f"train/val/test (.csv or .parquet) or {info.file_prefix}_{{train,val,test}}_sample.csv"
+    prepare = f"\nthen run `{info.prepare}` to write the folder" if info.prepare else ""
+    raise DatasetNotFound(
+        f"dataset '{key}' ({info.title}) not found; looked for a train file in:\n{where}\n"
+        f"expected layout: {layout}\n"
+        f"get the raw files from {info.source}{prepare}\n"
+        f"(or pass --data-dir / set $MTLDSL_DATA to the folder that holds '{info.folder_names[0]}/')"
+    )
+
+
+# --- schema.json ----------------------------------------------------------------------------------
+
+
+def schema_to_json(schema: Schema, *, with_vocab: bool = False) -> str:
+    data: dict[str, object] = {
+        "name": schema.name,
+        "labels": list(schema.labels),
+        "sparse": list(schema.sparse),
+        "dense": list(schema.dense),
+        "groups": {k: list(v) for k, v in schema.groups.items()},
+        "user_id": schema.user_id,
+    }
+    if with_vocab and schema.vocab_sizes is not None:
+        data["vocab_sizes"] = dict(schema.vocab_sizes)
+    return json.dumps(data, indent=2) + "\n"
+
+
+def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name: str = "data") -> Schema:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    known = {"name", "labels", "sparse", "dense", "groups", "user_id", "vocab_sizes"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DataError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
+
+    def names(key: str) -> tuple[str, ...]:
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise DataError(f"{path}: '{key}' must be a list of column names")
+        return tuple(value)
+
+    sparse = names("sparse")
+    groups_raw = data.get("groups", {})
+    if not isinstance(groups_raw, dict):
+        raise DataError(f"{path}: 'groups' must map group names to lists of sparse fields")
+    groups: dict[str, tuple[str, ...]] = {"all": sparse}
+    for g, members in groups_raw.items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise DataError(f"{path}: group '{g}' must be a list of column names")
+        missing = [m for m in members if m not in sparse]
+        if missing and g != "all":
+            raise DataError(f"{path}: group '{g}' lists {', '.join(map(repr, missing))}, not sparse fields")
+        groups[g] = tuple(members) if g != "all" else sparse
+    user_id = data.get("user_id")
+    if user_id is not None and not isinstance(user_id, str):
+        raise DataError(f"{path}: 'user_id' must be a column name or null")
+    vocab = data.get("vocab_sizes")
+    if vocab is not None:
+        if not isinstance(vocab, dict) or not all(isinstance(v, int) and v > 0 for v in vocab.values()):
+            raise DataError(f"{path}: 'vocab_sizes' must map sparse fields to positive integers")
+        missing = [f for f in sparse if f not in vocab]
+        if missing:
+            raise DataError(f"{path}: 'vocab_sizes' lacks {', '.join(map(repr, missing))}")
+    name = data.get("name", default_name)
+    labels = names("labels")
+    if not labels:
+        raise DataError(f"{path}: 'labels' is empty: name the label columns")
+    return Schema(
+        name=str(name),
+        labels=labels,
+        sparse=sparse,
+        dense=names("dense"),
+        groups=groups,
+        user_id=user_id,
+        vocab_sizes=dict(vocab) if vocab is not None else None,
+    )
+
+
+# --- inference ------------------------------------------------------------------------------------
+
+
+def _read_sample(path: Path, n: int) -> tuple[list[str], list[list[str]]]:
+    """Header and up to n rows of a data file, as strings."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # lazy: only folders of Parquet without schema.json need it
+
+        pf = pq.ParquetFile(path)
+        header = list(pf.schema_arrow.names)
+        rows: list[list[str]] = []
+        for batch in pf.iter_batches(batch_size=n):
+            cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+            rows.extend([("" if v is None else repr(v) if isinstance(v, float) else str(v)) for v in r] for r in zip(*cols))
+            break
+        return header, rows[:n]
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file")
+        rows = []
+        for row in reader:
+            if len(rows) >= n:
+                break
+            rows.append(row)
+    return header, rows
+
+
+def _column_kind(values: list[str]) -> str:
+    """'int' when every sampled value is an integer literal, 'float' when every value is a number, else 'other'."""
+    kind = "int"
+    for v in values:
+        v = v.strip()
+        if _INT.fullmatch(v):
+            continue
+        try:
+            float(v)
+        except ValueError:
+            return "other"
+        kind = "float"
+    return kind
+
+
+def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, rows: int = INFER_ROWS) -> Schema:
+    """A schema from the train file's header and first rows.
+
+    A header equal to a named dataset's columns gets that dataset's schema. Otherwise labels are `labels`
+    or the known label names present; integer-valued columns are sparse, other numeric columns dense;
+    a column named like user_id/search_id is the gAUC id (and stays a feature).
+    """
+    folder = Path(folder)
+    files = find_split_files(folder)
+    if "train" not in files:
+        raise DatasetNotFound(f"{folder}: no train file (train.csv, train.parquet or *_train_sample.csv)")
+    path = files["train"]
+    header, sample = _read_sample(path, rows)
+    if not header:
+        raise DataError(f"{path}: empty file")
+    if labels is None:
+        for info in KNOWN_DATASETS.values():
+            if info.name != "synthetic" and set(header) == set(info.schema.columns):
+                return info.schema
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise DataError(f"{path}: duplicate column(s) {', '.join(map(repr, dupes))}")
+    if labels is not None:
+        missing = [c for c in labels if c not in header]
+        if missing:
+            raise DataError(f"{path}: label column(s) {', '.join(map(repr, missing))} not in the header")
+        label_cols = tuple(labels)
+    else:
+        label_cols = tuple(c for c in header if c.lower() in KNOWN_LABELS)
+        if not label_cols:
+            raise DataError(
+                f"{path}: no label column found (looked for {', '.join(KNOWN_LABELS)}); "
+                f"name them with --labels or in {folder / SCHEMA_FILE}"
+            )
+    user_id = next((c for c in header if c.lower() in KNOWN_GROUP_IDS), None)
+    sparse: list[str] = []
+    dense: list[str] = []
+    for j, col in enumerate(header):
+        if col in label_cols:
+            continue
+        values = [r[j] for r in sample if j < len(r)]
+        kind = _column_kind(values) if values else "int"
+        # Non-numeric columns are listed as sparse so the loader names the first bad value.
+        (dense if kind == "float" else sparse).append(col)
+    groups: dict[str, tuple[str, ...]] = {"all": tuple(sparse)}
+    for side in ("user", "item"):
+        members = tuple(c for c in sparse if c.lower().startswith(side))
+        if members:
+            groups[side] = members
+    return Schema(
+        name=folder.resolve().name or "data",
+        labels=label_cols,
+        sparse=tuple(sparse),
+        dense=tuple(dense),
+        groups=groups,
+        user_id=user_id,
+    )
+
+
+def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Sequence[str] | None = None) -> Schema:
+    """The schema of a named dataset (fixed, no files needed) or of a folder (schema.json, else inferred)."""
+    path = Path(source).expanduser()
+    key = _normalise_name(source)
+    if key is not None and not (os.sep in source or path.is_dir()):
+        schema = KNOWN_DATASETS[key].schema
+        if labels is not None and tuple(labels) != schema.labels:
+            raise DataError(f"dataset '{key}' has fixed labels {', '.join(schema.labels)}; --labels applies to folders")
+        return schema
+    if not path.is_dir():
+        known = ", ".join(KNOWN_DATASETS)
+        raise DatasetNotFound(f"no dataset '{source}': not a folder and not one of {known}")
+    schema_file = path / SCHEMA_FILE
+    if schema_file.is_file():
+        schema = schema_from_json(schema_file.read_text(encoding="utf-8"), path=schema_file, default_name=path.resolve().name)
+        if labels is not None and tuple(labels) != schema.labels:
+            raise DataError(f"{schema_file}: labels are {', '.join(schema.labels)}; edit the file to change them")
+        return schema
+    return infer_schema(path, labels=labels)

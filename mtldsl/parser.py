@@ -1,0 +1,313 @@
+"""Parse .mtl text into a positioned syntax.Spec, or into Diagnostics for a syntax error.
+
+The grammar is grammars/mtl.lark (LALR, contextual lexer). Lark's exceptions never escape:
+`parse_text` returns a Spec or a list of Diagnostics with the expected tokens as the hint.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import syntax as s
+from .diagnostics import Diagnostic, SourceFile, Span, error
+
+ROOT = Path(__file__).resolve().parent.parent
+GRAMMAR = ROOT / "grammars" / "mtl.lark"
+
+
+@functools.cache
+def _lark() -> Lark:
+    return Lark(
+        GRAMMAR.read_text(),
+        start="spec",
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        maybe_placeholders=False,
+        cache=True,
+    )
+
+
+def _span(meta_or_token: object) -> Span:
+    m = meta_or_token
+    if getattr(m, "empty", False):
+        return Span(1, 1, 1, 1)
+    return Span(m.line, m.column, m.end_line, m.end_column)  # type: ignore[attr-defined]
+
+
+def _unquote(token: Token) -> str:
+    return ast.literal_eval(str(token))  # grammar allows only \" \\ \n \t escapes
+
+
+def _number(token: Token) -> int | float:
+    return int(token) if token.type == "INT" else float(token)
+
+
+@v_args(meta=True)
+class _ToSyntax(Transformer):
+    """One method per grammar alias; each returns a syntax node (or a typed value for props)."""
+
+    def spec(self, meta, items):
+        return s.Spec(tuple(items), _span(meta))
+
+    def model_decl(self, meta, c):
+        return s.ModelDecl(str(c[0]), _unquote(c[1]) if len(c) > 1 else None, _span(meta))
+
+    def data_decl(self, meta, c):
+        return c[0]
+
+    def source_name(self, meta, c):
+        return s.DataDecl(str(c[0]), False, _span(c[0]))
+
+    def source_path(self, meta, c):
+        return s.DataDecl(_unquote(c[0]), True, _span(c[0]))
+
+    def name_ref(self, meta, c):
+        return s.NameRef(str(c[0]), _span(c[0]))
+
+    def column_name(self, meta, c):
+        return s.Column(str(c[0]), False, _span(c[0]))
+
+    def column_string(self, meta, c):
+        return s.Column(_unquote(c[0]), True, _span(c[0]))
+
+    field_name = column_name
+    field_string = column_string
+
+    def label_expr(self, meta, c):
+        return s.LabelExpr(tuple(c), _span(meta))
+
+    def where(self, meta, c):
+        return ("where", c[0])
+
+    def binary(self, meta, c):
+        return "binary"
+
+    def regression(self, meta, c):
+        return "regression"
+
+    def task_decl(self, meta, c):
+        where = c[3][1] if len(c) > 3 else None
+        return s.TaskDecl(str(c[0]), c[1], c[2], where, _span(meta))
+
+    def output_decl(self, meta, c):
+        factors = tuple(x for x in c[1:] if isinstance(x, s.NameRef))
+        label = next((x for x in c[1:] if isinstance(x, s.LabelExpr)), None)
+        where = next((x[1] for x in c[1:] if isinstance(x, tuple)), None)
+        return s.OutputDecl(str(c[0]), factors, label, where, _span(meta))
+
+    def loss_weight(self, meta, c):
+        return ("weight", c[0])
+
+    def loss_label(self, meta, c):
+        return ("label", c[0])
+
+    def loss_where(self, meta, c):
+        return c[0]
+
+    def loss_decl(self, meta, c):
+        props: dict[str, object] = {}
+        for key, value in c[1:]:
+            props[key] = value  # a repeated property keeps the last; validate.py reports repeats
+        weight = props.get("weight")
+        return s.LossDecl(
+            c[0],
+            _number(weight) if isinstance(weight, Token) else None,  # type: ignore[arg-type]
+            props.get("label"),  # type: ignore[arg-type]
+            props.get("where"),  # type: ignore[arg-type]
+            _span(meta),
+        )
+
+    def owner_shared(self, meta, c):
+        return s.Owner(s.OwnerKind.shared, None, _span(meta))
+
+    def owner_per_task(self, meta, c):
+        return s.Owner(s.OwnerKind.per_task, None, _span(meta))
+
+    def owner_task(self, meta, c):
+        return s.Owner(s.OwnerKind.task, c[0], _span(meta))
+
+    def field_group(self, meta, c):
+        return s.FieldSel(str(c[0]), (), _span(meta))
+
+    def field_list(self, meta, c):
+        return s.FieldSel(None, tuple(x for x in c if x is not None), _span(meta))
+
+    def int_list(self, meta, c):
+        return tuple(int(x) for x in c if x is not None)
+
+    def _prop(key):  # noqa: N805 - a factory used in the class body
+        def method(self, meta, c):
+            value = c[0]
+            if isinstance(value, Token):
+                value = {"INT": int, "FLOAT": float, "BOOL": lambda t: t == "true", "NAME": str}[value.type](value)
+            return s.Prop(key, value, _span(meta))
+
+        return method
+
+    emb_dim = _prop("dim")
+    emb_fields = _prop("fields")
+    emb_dense = _prop("dense")
+    emb_copies = _prop("copies")
+    experts_count = _prop("count")
+    block_input = _prop("input")
+    mlp_dims = _prop("mlp")
+    mlp_activation = _prop("activation")
+    mlp_dropout = _prop("dropout")
+    mlp_batch_norm = _prop("batch_norm")
+    transfer_calibration = _prop("calibration")
+
+    def input_ref(self, meta, c):
+        return s.InputExpr(s.InputOp.ref, tuple(c), _span(meta))
+
+    def input_sum(self, meta, c):
+        return s.InputExpr(s.InputOp.sum, tuple(c), _span(meta))
+
+    def input_concat(self, meta, c):
+        return s.InputExpr(s.InputOp.concat, tuple(c), _span(meta))
+
+    def _block(cls):  # noqa: N805
+        def method(self, meta, c):
+            owner = c[1] if len(c) > 1 and isinstance(c[1], s.Owner) else None
+            rest = c[2:] if owner is not None else c[1:]
+            props = tuple(x for x in rest if isinstance(x, s.Prop))
+            if cls is s.GateDecl:
+                routes = tuple(x for x in rest if isinstance(x, s.RouteDecl))
+                return s.GateDecl(str(c[0]), owner, props, routes, _span(meta))
+            return cls(str(c[0]), owner, props, _span(meta))
+
+        return method
+
+    embedding_decl = _block(s.EmbeddingDecl)
+    experts_decl = _block(s.ExpertsDecl)
+    gate_decl = _block(s.GateDecl)
+
+    def select_own(self, meta, c):
+        return (s.Selector.own, None)
+
+    def select_other(self, meta, c):
+        return (s.Selector.other, None)
+
+    def select_task(self, meta, c):
+        return (s.Selector.task, c[0])
+
+    def route_target(self, meta, c):
+        selector, task = c[1] if len(c) > 1 else (s.Selector.all, None)
+        return (c[0], selector, task)
+
+    def route(self, meta, c):
+        group, selector, task = c[0]
+        return s.RouteDecl(group, selector, task, tuple(str(f) for f in c[1:]), _span(meta))
+
+    def tower_per_task(self, meta, c):
+        return None
+
+    def tower_for(self, meta, c):
+        return c[0]
+
+    def tower_decl(self, meta, c):
+        return s.TowerDecl(c[0], tuple(c[1:]), _span(meta))
+
+    def transfer_decl(self, meta, c):
+        return s.TransferDecl(c[0], c[1], tuple(c[2:]), _span(meta))
+
+    def levels_decl(self, meta, c):
+        return s.LevelsDecl(int(c[0]), tuple(c[1:]), _span(meta))
+
+    def train_decl(self, meta, c):
+        return s.TrainDecl(tuple(c), _span(meta))
+
+    def train_prop(self, meta, c):
+        return s.Prop(str(c[0]), c[1], _span(meta))
+
+    def value_number(self, meta, c):
+        return _number(c[0])
+
+    def value_name(self, meta, c):
+        return str(c[0])
+
+    def value_string(self, meta, c):
+        return _unquote(c[0])
+
+    def value_bool(self, meta, c):
+        return str(c[0]) == "true"
+
+
+# Human names for terminals in "expected ..." hints.
+_TOKEN_NAMES = {
+    "NAME": "a name", "STRING": "a string", "INT": "an integer", "FLOAT": "a number", "DOTTED": "a dotted name",
+    "BOOL": "true or false", "FLAG": "forward or backward",
+    "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "LPAR": "'('", "RPAR": "')'",
+    "COMMA": "','", "STAR": "'*'", "EQUAL": "'='", "__ANON_0": "'->'", "MORETHAN": "'>'",
+}
+
+
+def _expected(names: set[str]) -> str:
+    words: list[str] = []
+    for name in sorted(names):
+        if name in _TOKEN_NAMES:
+            words.append(_TOKEN_NAMES[name])
+        elif name.isupper():
+            words.append(f"'{name.lower()}'")
+        else:
+            words.append(name)
+    words = sorted(set(words))
+    if len(words) > 8:
+        return "expected one of " + ", ".join(words[:8]) + ", …"
+    return "expected " + (" or ".join(words) if len(words) <= 2 else ", ".join(words[:-1]) + " or " + words[-1])
+
+
+# Known mistakes, keyed by the offending token text: a hint that beats the expected-token list.
+_KNOWN_MISTAKES = {
+    ",": "properties and route flags are separated by spaces, not commas",
+    ";": "statements end at the next keyword; no ';' is needed",
+    ":": "write `key value` without ':'",
+    "=": "write `key value` without '='",
+}
+
+
+def _syntax_error(exc: UnexpectedInput, src: SourceFile) -> Diagnostic:
+    if isinstance(exc, UnexpectedCharacters):
+        char = src.text[exc.pos_in_stream] if exc.pos_in_stream < len(src.text) else ""
+        span = Span(exc.line, exc.column, exc.line, exc.column + 1)
+        if char == '"':
+            return error("unterminated string", span, "strings end on the same line with '\"'", src)
+        hint = _KNOWN_MISTAKES.get(char) or (_expected(set(exc.allowed)) if exc.allowed else None)
+        return error(f"unexpected character {char!r}", span, hint, src)
+    if isinstance(exc, UnexpectedToken):
+        tok = exc.token
+        if tok.type == "$END":
+            lines = src.text.split("\n")
+            span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+            return error("unexpected end of file", span, _expected(set(exc.expected)), src)
+        span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + len(str(tok)))
+        hint = _KNOWN_MISTAKES.get(str(tok)) or _expected(set(exc.expected))
+        return error(f"unexpected {str(tok)!r}", span, hint, src)
+    if isinstance(exc, UnexpectedEOF):
+        lines = src.text.split("\n")
+        span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        return error("unexpected end of file", span, _expected(set(exc.expected)), src)
+    return error(str(exc).splitlines()[0], Span(exc.line, exc.column, exc.line, exc.column + 1), None, src)
+
+
+def parse_text(text: str, path: str = "<spec>") -> s.Spec | list[Diagnostic]:
+    """A Spec, or a one-element list with the first syntax error (LALR stops there)."""
+    src = SourceFile(path, text)
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as exc:
+        return [_syntax_error(exc, src)]
+    try:
+        return _ToSyntax().transform(tree)
+    except VisitError as exc:  # a malformed literal the grammar let through (e.g. a huge escape)
+        return [error(f"cannot read this value: {exc.orig_exc}", _span(exc.obj.meta), None, src)]
+
+
+def parse_file(path: str | Path) -> tuple[SourceFile, s.Spec | list[Diagnostic]]:
+    text = Path(path).read_text(encoding="utf-8")
+    return SourceFile(str(path), text), parse_text(text, str(path))
