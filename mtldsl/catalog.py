@@ -23,6 +23,7 @@ __all__ = [
     "KNOWN_DATASETS",
     "KNOWN_LABELS",
     "SPLITS",
+    "SYNTHETIC_VOCAB",
     "Schema",
     "UnknownGroup",
     "data_roots",
@@ -118,7 +119,35 @@ _ALI_CCP_SPARSE = (*_ALI_CCP_USER, *_ALI_CCP_ITEM, "508", "509", "702", "853", "
 _ALI_CCP_DENSE = ("D109_14", "D110_14", "D127_14", "D150_14", "D508", "D509", "D702", "D853")
 
 
-def _ali_ccp_schema(name: str) -> Schema:
+# Vocabulary sizes of the synthetic dataset (runtime/data.py generates ids below these).
+SYNTHETIC_VOCAB: dict[str, int] = {
+    "101": 500,  # user id
+    "121": 8,  # user segment (noisy)
+    "122": 14,  # gender x age group
+    "124": 2,  # gender
+    "125": 7,  # age group
+    "126": 3,  # consumption level (activity)
+    "127": 3,  # shopping depth
+    "128": 2,  # occupation (noisy sign of the purchase preference)
+    "129": 4,  # city level
+    "205": 250,  # item id
+    "206": 20,  # category
+    "207": 60,  # shop
+    "210": 40,  # intention node (category x 2)
+    "216": 80,  # brand (category x 4)
+    "508": 160,  # segment x category
+    "509": 70,  # age x brand bucket
+    "702": 64,  # hashed user x item noise
+    "853": 80,  # city level x category
+    "301": 3,  # context (position bucket)
+    "109_14": 20,  # favourite clicked category
+    "110_14": 20,  # favourite purchased category
+    "127_14": 80,  # favourite brand
+    "150_14": 40,  # favourite intention node
+}
+
+
+def _ali_ccp_schema(name: str, vocab_sizes: Mapping[str, int] | None = None) -> Schema:
     return Schema(
         name=name,
         labels=("click", "purchase"),
@@ -135,6 +164,7 @@ def _ali_ccp_schema(name: str) -> Schema:
             "item_id": ("205",),
         },
         user_id="101",
+        vocab_sizes=vocab_sizes,
     )
 
 
@@ -190,7 +220,7 @@ KNOWN_DATASETS: dict[str, DatasetInfo] = {
     "synthetic": DatasetInfo(
         name="synthetic",
         title="Synthetic Ali-CCP-shaped data with planted task-conflicting preferences",
-        schema=_ali_ccp_schema("synthetic"),
+        schema=_ali_ccp_schema("synthetic", SYNTHETIC_VOCAB),
         file_prefix="synthetic",
         folder_names=(),
         source="built in: generated on the fly by mtldsl.runtime.data",
@@ -522,7 +552,7 @@ def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Seque
     """The schema of a named dataset (fixed, no files needed) or of a folder (schema.json, else inferred)."""
     path = Path(source).expanduser()
     key = _normalise_name(source)
-    if key is not None and not (os.sep in source or path.is_dir()):
+    if key is not None and "/" not in source and os.sep not in source:  # a name beats a same-named folder
         schema = KNOWN_DATASETS[key].schema
         if labels is not None and tuple(labels) != schema.labels:
             raise DataError(f"dataset '{key}' has fixed labels {', '.join(schema.labels)}; --labels applies to folders")

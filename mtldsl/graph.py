@@ -93,14 +93,20 @@ def build_graph(model: Model) -> nx.DiGraph:
         out = node_id("output", t.task)
         if out in g:
             g.add_edge(tid, out, forward=True, backward=True, dim=1, role="predict")
+    # A transfer src -> dst reads what src's tower reads (after src's own incoming transfer, if any)
+    # and replaces what dst's tower reads; the towers themselves are not on the path.
     towers = {t.task: t for t in model.towers}
+    into = {tr.target: node_id("transfer", f"{tr.source}_{tr.target}") for tr in model.transfers}
     for tr in model.transfers:
         nid = node_id("transfer", f"{tr.source}_{tr.target}")
         if tr.source in towers and tr.target in towers:
             src, dst = towers[tr.source], towers[tr.target]
             width = input_width(g, model, src.input)
             g.nodes[nid]["width"] = width
-            g.add_edge(node_id("tower", src.name), nid, forward=True, backward=True, dim=width, role="transfer")
+            if tr.source in into and into[tr.source] != nid:
+                g.add_edge(into[tr.source], nid, forward=True, backward=True, dim=width, role="transfer")
+            else:
+                connect_input(nid, src.input)
             g.add_edge(nid, node_id("tower", dst.name), forward=True, backward=True, dim=width, role="transfer")
     for o in model.outputs:
         for f in o.factors:

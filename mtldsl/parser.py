@@ -6,8 +6,8 @@ The grammar is grammars/mtl.lark (LALR, contextual lexer). Lark's exceptions nev
 
 from __future__ import annotations
 
-import ast
 import functools
+import re
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
@@ -40,8 +40,13 @@ def _span(meta_or_token: object) -> Span:
     return Span(m.line, m.column, m.end_line, m.end_column)  # type: ignore[attr-defined]
 
 
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
+
+
 def _unquote(token: Token) -> str:
-    return ast.literal_eval(str(token))  # grammar allows only \" \\ \n \t escapes
+    # The grammar allows only \" \\ \n \t escapes; any other character stands for itself
+    # (ast.literal_eval would reject a raw NUL or carriage return that the grammar accepts).
+    return re.sub(r"\\(.)", lambda m: _ESCAPES[m[1]], str(token)[1:-1], flags=re.S)
 
 
 def _number(token: Token) -> int | float:

@@ -1,0 +1,112 @@
+"""The `mtldsl` command: thin Typer commands over the library.
+
+`check`, `compile` and `graph` never import torch; training commands import the runtime inside
+the command so the front end stays fast. Diagnostics go to stderr without rich markup.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Compile and train multi-task recommendation models from .mtl specs.")
+
+
+def _report(checked, strict: bool) -> bool:
+    """Print a spec's diagnostics to stderr; True when it may proceed."""
+    from .diagnostics import render_all
+
+    if checked.diagnostics:
+        typer.echo(render_all(checked.diagnostics), err=True)
+    warnings = len(checked.diagnostics) - len(checked.errors)
+    return not checked.errors and not (strict and warnings)
+
+
+def _check(spec: Path, data_dir: Optional[str]):
+    from .pipeline import check_file
+
+    if not spec.is_file():
+        typer.echo(f"{spec}: error: no such spec file", err=True)
+        raise typer.Exit(1)
+    return check_file(spec, data_dir=data_dir)
+
+
+@app.command()
+def check(
+    specs: list[Path] = typer.Argument(..., help="Spec files to check."),
+    strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where named datasets live."),
+) -> None:
+    """Check specs: exit 0 when all are valid, 1 with positioned errors otherwise."""
+    ok = True
+    for spec in specs:
+        checked = _check(spec, data_dir)
+        good = _report(checked, strict)
+        ok &= good
+        if good and checked.model is not None:
+            m = checked.model
+            blocks = len(m.embeddings) + len(m.experts) + len(m.gates) + len(m.towers)
+            typer.echo(f"{spec}: ok ({m.name}: {len(m.tasks)} tasks, {blocks} blocks, {len(m.losses)} losses)")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("compile")
+def compile_(
+    specs: list[Path] = typer.Argument(..., help="Spec files to compile."),
+    out: Path = typer.Option(Path("generated"), "-o", "--out", help="Output folder."),
+    check_only: bool = typer.Option(False, "--check", help="Write nothing; exit 1 when a file is stale."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+) -> None:
+    """Compile specs to standalone PyTorch modules, `OUT/<model>.py`."""
+    from .codegen import render, write_if_changed
+
+    ok = True
+    for spec in specs:
+        checked = _check(spec, data_dir)
+        if not _report(checked, strict=False):
+            ok = False
+            continue
+        assert checked.model is not None and checked.graph is not None
+        text = render(checked.model, checked.graph, checked.source.text)
+        target = out / f"{checked.model.name}.py"
+        if check_only:
+            current = target.read_text(encoding="utf-8") if target.exists() else None
+            if current != text:
+                typer.echo(f"{target}: stale, run `mtldsl compile {spec}`", err=True)
+                ok = False
+        else:
+            changed = write_if_changed(target, text)
+            typer.echo(f"{target}: {'written' if changed else 'unchanged'}")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def graph(
+    spec: Path = typer.Argument(..., help="Spec file."),
+    out: Path = typer.Option(..., "-o", "--out", help="Picture file: .svg, .png or .dot."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+) -> None:
+    """Draw the architecture; stop-gradient edges are dashed."""
+    from .draw import draw
+
+    checked = _check(spec, data_dir)
+    if not _report(checked, strict=False):
+        raise typer.Exit(1)
+    assert checked.graph is not None
+    suffix = out.suffix.lower()
+    if suffix not in (".svg", ".png", ".dot"):
+        typer.echo(f"{out}: error: unknown picture format '{out.suffix}'\n  hint: use .svg, .png or .dot", err=True)
+        raise typer.Exit(1)
+    draw(checked.graph, out)
+    typer.echo(f"{out}: written")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

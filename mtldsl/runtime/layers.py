@@ -1,0 +1,320 @@
+"""Building blocks of every generated model: fused embeddings, MLPs, batched experts, gates, towers, AITM transfer.
+
+The region between the `mtldsl:standalone` markers is copied verbatim into each generated file by
+codegen.py (shipped text = tested text), so it may use only `math`, `torch`, `Tensor`, `nn` and
+`from __future__ import annotations`. Parameter counts match torch-rechub's equivalents
+(tests/test_layers.py). Everything traces with torch.jit.trace and torch.onnx.export: forward()
+branches only on attributes fixed at construction and on the rank of an input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ACTIVATIONS", "BatchedExperts", "FusedEmbedding", "Gate", "InfoTransfer", "MLP", "Tower", "mix"]
+
+# mtldsl:standalone begin (from mtldsl/runtime/layers.py)
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "prelu", "softmax", "none")
+
+
+def _activation(name: str) -> nn.Module:
+    """A fresh activation module; softmax normalises the last axis (the features)."""
+    if name == "relu":
+        return nn.ReLU(inplace=True)  # always follows a Linear/BatchNorm output, never a caller's tensor
+    if name == "leaky_relu":
+        return nn.LeakyReLU(inplace=True)
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "gelu":
+        return nn.GELU()
+    if name == "prelu":
+        return nn.PReLU()  # one parameter, like torch-rechub
+    if name == "softmax":
+        return nn.Softmax(dim=-1)
+    if name == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown activation {name!r}; expected one of: {', '.join(ACTIVATIONS)}")
+
+
+def _columns(columns: tuple[int, ...]) -> tuple[int, int] | None:
+    """(start, stop) when the columns are one increasing run, so a slice can replace a gather."""
+    if columns and columns == tuple(range(columns[0], columns[0] + len(columns))):
+        return columns[0], columns[0] + len(columns)
+    return None
+
+
+class FusedEmbedding(nn.Module):
+    """All fields (and copies) of one embedding table in one nn.Embedding: one lookup per batch.
+
+    Field f of copy c owns rows [c * sum(vocab) + offset_f, ... + vocab_f). Ids must lie in
+    [0, vocab_f); the data loader guarantees it (an out-of-range id would read a neighbour's row).
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: Sequence[int],
+        dim: int,
+        sparse_columns: Sequence[int] | None,
+        dense_columns: Sequence[int] | None,
+        copies: int = 1,
+        sparse_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        vocab = tuple(int(v) for v in vocab_sizes)
+        if not vocab or min(vocab) < 1 or dim < 1 or copies < 1:
+            raise ValueError(f"FusedEmbedding needs vocab sizes >= 1, dim >= 1, copies >= 1; got {vocab}, {dim}, {copies}")
+        if sparse_columns is not None and len(sparse_columns) != len(vocab):
+            raise ValueError(f"{len(sparse_columns)} sparse columns for {len(vocab)} vocab sizes")
+        total = sum(vocab)
+        starts = [sum(vocab[:i]) for i in range(len(vocab))]
+        offsets = [[c * total + s for s in starts] for c in range(copies)]
+        self.n_fields, self.dim, self.copies = len(vocab), dim, copies
+        self.embedding = nn.Embedding(copies * total, dim, sparse=sparse_grad)  # N(0, 1) init
+        # (F,) when copies == 1, else (copies, F): broadcasts against (B, 1, F)
+        self.register_buffer("offsets", torch.tensor(offsets[0] if copies == 1 else offsets, dtype=torch.long),
+                             persistent=False)
+        sparse_cols = None if sparse_columns is None else tuple(int(c) for c in sparse_columns)
+        dense_cols = tuple(int(c) for c in dense_columns or ())
+        self.sparse_slice = None if sparse_cols is None else _columns(sparse_cols)
+        self.dense_slice = _columns(dense_cols)
+        self.has_sparse_index = sparse_cols is not None and self.sparse_slice is None
+        self.n_dense = len(dense_cols)
+        self.register_buffer("sparse_index", torch.tensor(sparse_cols if self.has_sparse_index else (), dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("dense_index", torch.tensor(dense_cols if self.dense_slice is None else (), dtype=torch.long),
+                             persistent=False)
+        self.out_features = self.n_fields * dim + self.n_dense  # per copy
+
+    def forward(self, sparse: Tensor, dense: Tensor | None) -> Tensor:
+        """(B, F_all) int64 ids [+ (B, D_all) floats] -> (B, out_features), or (B, copies, out_features)."""
+        if self.sparse_slice is not None:
+            ids = sparse[:, self.sparse_slice[0]:self.sparse_slice[1]]  # (B, F)
+        elif self.has_sparse_index:
+            ids = sparse.index_select(1, self.sparse_index)  # (B, F)
+        else:
+            ids = sparse  # (B, F)
+        if self.copies > 1:
+            ids = ids.unsqueeze(1)  # (B, 1, F)
+        x = self.embedding(ids + self.offsets).flatten(-2)  # (B, F*dim) or (B, copies, F*dim)
+        if self.n_dense == 0 or dense is None:
+            return x
+        if self.dense_slice is not None:
+            d = dense[:, self.dense_slice[0]:self.dense_slice[1]]  # (B, n_dense)
+        else:
+            d = dense.index_select(1, self.dense_index)  # (B, n_dense)
+        if self.copies > 1:
+            d = d.unsqueeze(1).expand(-1, self.copies, -1)  # (B, copies, n_dense)
+        return torch.cat([x, d.to(x.dtype)], dim=-1)  # (..., F*dim + n_dense)
+
+
+class MLP(nn.Module):
+    """Per hidden width Linear -> [BatchNorm1d] -> activation -> [Dropout], then an optional Linear(.., out_dim)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        dims: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        out_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        _activation(activation)  # fail early, even when dims is empty
+        layers: list[nn.Module] = []
+        d = d_in
+        for width in dims:
+            layers.append(nn.Linear(d, width))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(_activation(activation))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = width
+        if out_dim is not None:
+            layers.append(nn.Linear(d, out_dim))
+            d = out_dim
+        self.layers = nn.Sequential(*layers)
+        self.out_features = d
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, d_in) -> (B, out_features)."""
+        return self.layers(x)  # (B, out_features)
+
+
+class BatchedExperts(nn.Module):
+    """n independent MLP experts (hidden layers only) as batched matmuls over stacked weights.
+
+    Layer l holds weight (n, d, d_l) and bias (n, d_l), initialised like n nn.Linear layers;
+    batch_norm is one BatchNorm1d(n * d_l) over the (B, n*d_l) view, which keeps per-expert
+    statistics and the parameter count of n BatchNorm1d(d_l); prelu has one slope per expert.
+    A shared (B, d_in) input makes the first layer one (B, d_in) @ (d_in, n*d_1) GEMM; a per-expert
+    (B, n, d_in) input (one embedding copy per expert) and later layers use baddbmm over the
+    expert axis. On CPU (2 threads, n=8, d_in=400, dims=[256, 128], B=1024, forward+backward)
+    this runs at 1.0x the speed of a loop of nn.Linear experts (GEMM-bound; the loop's
+    per-expert tensors stay in cache); with small experts (n=8, d_in=128, dims=[64, 32],
+    B=1024) it is 2x faster, the per-op overhead of the loop dominating there.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        d_in: int,
+        dims: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if n < 1 or not dims:
+            raise ValueError(f"BatchedExperts needs n >= 1 and at least one width; got n={n}, dims={tuple(dims)}")
+        _activation(activation)
+        self.n, self.d_in, self.dims = n, d_in, tuple(int(d) for d in dims)
+        self.activation, self.dropout, self.batch_norm = activation, float(dropout), batch_norm
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.norms = nn.ModuleList()
+        self.slopes = nn.ParameterList()  # prelu only: (n,) per layer
+        self.acts = nn.ModuleList()  # elementwise activations (all but prelu)
+        d = d_in
+        for width in self.dims:
+            self.weights.append(nn.Parameter(torch.empty(n, d, width)))
+            self.biases.append(nn.Parameter(torch.empty(n, width)))
+            if batch_norm:
+                self.norms.append(nn.BatchNorm1d(n * width))
+            if activation == "prelu":
+                self.slopes.append(nn.Parameter(torch.full((n,), 0.25)))
+            else:
+                self.acts.append(_activation(activation))
+            d = width
+        self.out_features = d
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Like nn.Linear: kaiming_uniform(a=sqrt(5)) and its bias bound, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for w, b in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def _finish(self, h: Tensor, i: int) -> Tensor:
+        """[BatchNorm] -> activation -> [Dropout] of layer i on (B, n, d)."""
+        if self.batch_norm:
+            h = self.norms[i](h.reshape(h.shape[0], -1)).view(h.shape)  # (B, n, d), BN over (B, n*d)
+        if self.activation == "prelu":
+            h = nn.functional.prelu(h, self.slopes[i])  # slope per expert: axis 1 is the expert axis
+        else:
+            h = self.acts[i](h)
+        if self.dropout > 0:
+            h = nn.functional.dropout(h, self.dropout, self.training)
+        return h
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, d_in) shared or (B, n, d_in) per expert -> (B, n, dims[-1])."""
+        w0, b0 = self.weights[0], self.biases[0]
+        if x.dim() == 2:
+            # (n, d_in, d1) -> (d_in, n*d1): column block e is expert e (a view when n == 1)
+            w = w0.permute(1, 0, 2).reshape(self.d_in, -1)
+            h = torch.addmm(b0.reshape(-1), x, w).view(x.shape[0], self.n, -1)  # (B, n, d1)
+        else:
+            h = torch.baddbmm(b0.unsqueeze(1), x.transpose(0, 1), w0).transpose(0, 1)  # (B, n, d1)
+        h = self._finish(h, 0)
+        for i in range(1, len(self.dims)):
+            w, b = self.weights[i], self.biases[i]
+            h = torch.baddbmm(b.unsqueeze(1), h.transpose(0, 1), w).transpose(0, 1)  # (B, n, d_i)
+            h = self._finish(h, i)
+        return h  # (B, n, dims[-1])
+
+
+class Gate(nn.Module):
+    """Optional hidden MLP, then Linear(.., n_experts) -> [BatchNorm1d] -> softmax: mixing weights (B, n_experts)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        n_experts: int,
+        dims: Sequence[int] = (),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hidden = MLP(d_in, dims, activation, dropout, batch_norm)
+        self.linear = nn.Linear(self.hidden.out_features, n_experts)
+        self.norm = nn.BatchNorm1d(n_experts) if batch_norm else nn.Identity()
+        self.out_features = n_experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, d_in) -> (B, n_experts), rows summing to 1."""
+        return torch.softmax(self.norm(self.linear(self.hidden(x))), dim=-1)  # (B, n_experts)
+
+
+def mix(weights: Tensor, experts: Tensor) -> Tensor:
+    """Weighted sum over the expert axis: (B, n) weights, (B, n, d) outputs -> (B, d).
+
+    Broadcast multiply + sum: on CPU 4-5x faster (forward+backward) than
+    torch.bmm(weights.unsqueeze(1), experts), whose (1, n) @ (n, d) per-row GEMMs are tiny.
+    """
+    return (weights.unsqueeze(-1) * experts).sum(dim=1)  # (B, d)
+
+
+class Tower(nn.Module):
+    """MLP(d_in, dims) -> Linear(.., 1): the task logit (B,); hidden() and head() split it for AITM."""
+
+    def __init__(
+        self,
+        d_in: int,
+        dims: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.body = MLP(d_in, dims, activation, dropout, batch_norm)
+        self.out = nn.Linear(self.body.out_features, 1)
+        self.out_features = self.body.out_features  # width of hidden()
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """(B, d_in) -> (B, dims[-1]) (or (B, d_in) when dims is empty)."""
+        return self.body(x)  # (B, dims[-1])
+
+    def head(self, h: Tensor) -> Tensor:
+        """(B, dims[-1]) -> (B,) logit."""
+        return self.out(h).squeeze(-1)  # (B,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, d_in) -> (B,) logit."""
+        return self.head(self.hidden(x))  # (B,)
+
+
+class InfoTransfer(nn.Module):
+    """AITM adaptive information transfer (Xi et al., KDD 2021), wired like torch-rechub.
+
+    info = Linear+BN+ReLU of the previous task's vector; attention over [current, info] with
+    q/k/v projections, scores q.k / sqrt(dim), softmax over the two; output the weighted sum of v.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.info = MLP(dim, [dim], batch_norm=True)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.scale = 1.0 / math.sqrt(dim)
+        self.out_features = dim
+
+    def forward(self, current: Tensor, previous: Tensor) -> Tensor:
+        """(B, dim) current task, (B, dim) previous task -> (B, dim)."""
+        x = torch.stack([current, self.info(previous)], dim=1)  # (B, 2, dim)
+        scores = (self.q(x) * self.k(x)).sum(dim=-1) * self.scale  # (B, 2)
+        attn = torch.softmax(scores, dim=1)  # (B, 2)
+        return (attn.unsqueeze(-1) * self.v(x)).sum(dim=1)  # (B, dim)
+
+
+# mtldsl:standalone end
