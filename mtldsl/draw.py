@@ -47,7 +47,8 @@ def _matplotlib(graph: nx.DiGraph, out: Path) -> None:
     nx.draw_networkx_edges(graph, pos, edgelist=dashed, ax=ax, arrows=True, style="dashed", edge_color="#cc0000")
     for n, (x, y) in pos.items():
         data = graph.nodes[n]
-        label = data["name"] + (f"\n{data['width']}" if data.get("width") and data["kind"] in ("emb", "experts", "gate") else "")
+        label = ("loss " if data["kind"] == "loss" else "") + data["name"]
+        label += f"\n{data['width']}" if data.get("width") and data["kind"] in ("emb", "experts", "gate") else ""
         ax.text(x, y, label, ha="center", va="center", fontsize=8,
                 bbox={"boxstyle": "round", "facecolor": _COLORS[data["kind"]], "edgecolor": "#333333"})
     ax.set_title(f"{graph.graph.get('model', '')}  (dashed: forward only, detached)", fontsize=10)

@@ -156,7 +156,7 @@ def to_dot(graph: nx.DiGraph) -> str:
             lines.append("  { rank=same; " + " ".join(f'"{n}"' for n in nodes) + " }")
         for n in nodes:
             data = graph.nodes[n]
-            label = data["name"] + (f"\\n{data['width']}" if data.get("width") and kind not in ("output", "loss", "tower") else "")
+            label = ("loss " if kind == "loss" else "") + data["name"] + (f"\\n{data['width']}" if data.get("width") and kind not in ("output", "loss", "tower") else "")
             lines.append(f'  "{n}" [label="{label}", shape={_SHAPES[kind]}];')
     for u, v, d in graph.edges(data=True):
         style = "" if d["backward"] else ' [style=dashed, label="detach"]'

@@ -14,7 +14,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import syntax as s
-from .diagnostics import Diagnostic, SourceFile, Span, error
+from .diagnostics import Diagnostic, SourceFile, Span, did_you_mean, error
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAMMAR = ROOT / "grammars" / "mtl.lark"
@@ -276,6 +276,37 @@ _KNOWN_MISTAKES = {
 }
 
 
+def _accepted(exc: UnexpectedToken) -> set[str]:
+    """Terminals the parser accepts here. `exc.expected` may hold the whole LALR follow set of a
+    pending reduction (`')'`, `'->'`, ... after a name); feeding each terminal to a copy of the
+    parser gives the exact set."""
+    try:
+        return set(exc.interactive_parser.accepts()) - {"$END"} or set(exc.expected)
+    except Exception:  # no interactive parser (or lark changed): the coarse set is still a hint
+        return set(exc.expected)
+
+
+def _misspelled(token: str, expected: set[str]) -> str | None:
+    """`did you mean 'forward'?` when a name is close to a keyword the parser expected."""
+    words: list[str] = []
+    for name in expected:
+        if name == "FLAG":
+            words += ["forward", "backward"]
+        elif name == "BOOL":
+            words += ["true", "false"]
+        else:
+            pattern = next((t.pattern for t in _lark().terminals if t.name == name), None)
+            if pattern is not None and pattern.type == "str" and pattern.value.isidentifier():
+                words.append(pattern.value)
+    return did_you_mean(token, words) if token.isidentifier() else None
+
+
+def _eof_span(text: str) -> Span:
+    """Just after the last character that is not white space: where the missing text belongs."""
+    lines = text.rstrip().split("\n")
+    return Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+
+
 def _syntax_error(exc: UnexpectedInput, src: SourceFile) -> Diagnostic:
     if isinstance(exc, UnexpectedCharacters):
         char = src.text[exc.pos_in_stream] if exc.pos_in_stream < len(src.text) else ""
@@ -287,16 +318,13 @@ def _syntax_error(exc: UnexpectedInput, src: SourceFile) -> Diagnostic:
     if isinstance(exc, UnexpectedToken):
         tok = exc.token
         if tok.type == "$END":
-            lines = src.text.split("\n")
-            span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-            return error("unexpected end of file", span, _expected(set(exc.expected)), src)
+            return error("unexpected end of file", _eof_span(src.text), _expected(_accepted(exc)), src)
         span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + len(str(tok)))
-        hint = _KNOWN_MISTAKES.get(str(tok)) or _expected(set(exc.expected))
+        expected = _accepted(exc)
+        hint = _KNOWN_MISTAKES.get(str(tok)) or _misspelled(str(tok), expected) or _expected(expected)
         return error(f"unexpected {str(tok)!r}", span, hint, src)
     if isinstance(exc, UnexpectedEOF):
-        lines = src.text.split("\n")
-        span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-        return error("unexpected end of file", span, _expected(set(exc.expected)), src)
+        return error("unexpected end of file", _eof_span(src.text), _expected(set(exc.expected)), src)
     return error(str(exc).splitlines()[0], Span(exc.line, exc.column, exc.line, exc.column + 1), None, src)
 
 

@@ -37,6 +37,7 @@ MAX_WIDTH = 100
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # grammars/mtl.lark: NAME
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")  # DOTTED
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t"}
+_Printer = Callable[[object], str]  # a property value → its text
 
 
 def print_spec(spec: s.Spec) -> str:
@@ -133,74 +134,6 @@ def _block(head: str, parts: Sequence[str], depth: int, *, one_line: bool = True
     return [f"{indent}{head} {{", *(indent + INDENT + part for part in parts), indent + "}"]
 
 
-# ---- properties -------------------------------------------------------------------------------
-
-
-def _props(props: Sequence[s.Prop], table: dict[str, Callable[[object], str]]) -> list[str]:
-    out = []
-    for prop in props:
-        if prop.key not in table:
-            raise ValueError(f"unknown property {prop.key!r} here; expected one of {', '.join(table)}")
-        out.append(f"{prop.key} {table[prop.key](prop.value)}")
-    return out
-
-
-def _int_list(value: object) -> str:
-    if not isinstance(value, tuple):
-        raise ValueError(f"expected a tuple of integers, got {value!r}")
-    return "[" + ", ".join(_int(x) for x in value) + "]"
-
-
-def _field_sel(value: object) -> str:
-    match value:
-        case s.FieldSel(group=str() as group, fields=()):
-            return _name(group)
-        case s.FieldSel(group=None, fields=fields):
-            return "[" + ", ".join(_column(c) for c in fields) + "]"
-        case _:
-            raise ValueError(f"expected a field group or a field list, got {value!r}")
-
-
-def _input(value: object) -> str:
-    match value:
-        case s.InputExpr(op=s.InputOp.ref, refs=(ref,)):
-            return _ref(ref)
-        case s.InputExpr(op=s.InputOp.sum | s.InputOp.concat as op, refs=refs) if refs:
-            return f"{op.value}({', '.join(_ref(r) for r in refs)})"
-        case _:
-            raise ValueError(f"expected `name`, `sum(...)` or `concat(...)`, got {value!r}")
-
-
-def _bool(value: object) -> str:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return "true" if value else "false"
-
-
-_MLP: dict[str, Callable[[object], str]] = {
-    "mlp": _int_list, "activation": lambda v: _name(v), "dropout": lambda v: _number(v), "batch_norm": _bool,
-}
-_EMBEDDING: dict[str, Callable[[object], str]] = {
-    "dim": lambda v: _int(v), "fields": _field_sel, "dense": _field_sel, "copies": lambda v: _int(v),
-}
-_EXPERTS: dict[str, Callable[[object], str]] = {"count": lambda v: _int(v), "input": _input, **_MLP}
-_GATE: dict[str, Callable[[object], str]] = {"input": _input, **_MLP}
-_TOWER = _GATE
-_TRANSFER: dict[str, Callable[[object], str]] = {"calibration": lambda v: _number(v)}
-
-
-def _value(value: object) -> str:
-    """A train value: the AST keeps a name, a dotted name and a string alike, as str."""
-    if isinstance(value, bool):
-        return _bool(value)
-    if isinstance(value, int | float):
-        return _number(value)
-    if isinstance(value, str):
-        bare = (_NAME.fullmatch(value) or _DOTTED.fullmatch(value)) and value not in ("true", "false")
-        return value if bare else _string(value)
-    raise ValueError(f"a train value is a number, a name, a string or a boolean, not {value!r}")
-
-
 # ---- tokens -----------------------------------------------------------------------------------
 
 
@@ -274,3 +207,67 @@ def _route(route: s.RouteDecl) -> str:
         if flag not in ("forward", "backward"):
             raise ValueError(f"route flags are forward or backward, not {flag!r}")
     return " ".join(["mix " + _ref(route.group) + selector, *route.flags])
+
+
+# ---- properties -------------------------------------------------------------------------------
+
+
+def _props(props: Sequence[s.Prop], table: dict[str, _Printer]) -> list[str]:
+    out = []
+    for prop in props:
+        if prop.key not in table:
+            raise ValueError(f"unknown property {prop.key!r} here; expected one of {', '.join(table)}")
+        out.append(f"{prop.key} {table[prop.key](prop.value)}")
+    return out
+
+
+def _int_list(value: object) -> str:
+    if not isinstance(value, tuple):
+        raise ValueError(f"expected a tuple of integers, got {value!r}")
+    return "[" + ", ".join(_int(x) for x in value) + "]"
+
+
+def _field_sel(value: object) -> str:
+    match value:
+        case s.FieldSel(group=str() as group, fields=()):
+            return _name(group)
+        case s.FieldSel(group=None, fields=fields):
+            return "[" + ", ".join(_column(c) for c in fields) + "]"
+        case _:
+            raise ValueError(f"expected a field group or a field list, got {value!r}")
+
+
+def _input(value: object) -> str:
+    match value:
+        case s.InputExpr(op=s.InputOp.ref, refs=(ref,)):
+            return _ref(ref)
+        case s.InputExpr(op=s.InputOp.sum | s.InputOp.concat as op, refs=refs) if refs:
+            return f"{op.value}({', '.join(_ref(r) for r in refs)})"
+        case _:
+            raise ValueError(f"expected `name`, `sum(...)` or `concat(...)`, got {value!r}")
+
+
+def _bool(value: object) -> str:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return "true" if value else "false"
+
+
+_MLP: dict[str, _Printer] = {"mlp": _int_list, "activation": _name, "dropout": _number, "batch_norm": _bool}
+_EMBEDDING: dict[str, _Printer] = {"dim": _int, "fields": _field_sel, "dense": _field_sel, "copies": _int}
+_EXPERTS: dict[str, _Printer] = {"count": _int, "input": _input, **_MLP}
+_GATE: dict[str, _Printer] = {"input": _input, **_MLP}
+_TOWER = _GATE
+_TRANSFER: dict[str, _Printer] = {"calibration": _number}
+
+
+def _value(value: object) -> str:
+    """A train value: the AST keeps a name, a dotted name and a string alike, as str."""
+    if isinstance(value, bool):
+        return _bool(value)
+    if isinstance(value, int | float):
+        return _number(value)
+    if isinstance(value, str):
+        bare = (_NAME.fullmatch(value) or _DOTTED.fullmatch(value)) and value not in ("true", "false")
+        return value if bare else _string(value)
+    raise ValueError(f"a train value is a number, a name, a string or a boolean, not {value!r}")

@@ -9,6 +9,7 @@ keywords are read from the grammar's string literals, so the pool stays in sync 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -40,7 +41,9 @@ dotted_names = st.lists(names, min_size=2, max_size=3).map(".".join)
 # Any text: the quote, backslash, newline and tab must be escaped, everything else stands for itself.
 strings = st.text(st.sampled_from('ab1 "\\\n\t\r\x00#{}é') | st.characters(exclude_categories=("Cs",)), max_size=10)
 ints = st.integers(min_value=0, max_value=10**6) | st.integers(min_value=0, max_value=10**30)
-floats = st.floats(min_value=0.0, allow_nan=False, allow_infinity=True).map(abs) | st.sampled_from([0.0, 1.0, 1e-05, 1e16])
+floats = st.floats(min_value=0.0, allow_nan=False, allow_infinity=True).map(abs) | st.sampled_from(
+    [0.0, 1.0, 1e-05, 1e16, math.inf]  # a too-large FLOAT (1e400) reads as inf
+)
 numbers = ints | floats
 
 
@@ -84,7 +87,8 @@ routes = st.builds(
 
 model_decls = st.builds(s.ModelDecl, names, st.none() | strings)
 data_decls = st.builds(s.DataDecl, names, st.just(False)) | st.builds(s.DataDecl, strings, st.just(True))
-task_decls = st.builds(s.TaskDecl, names, st.sampled_from(["binary", "regression"]), label_exprs, st.none() | label_exprs)
+kinds = st.sampled_from(["binary", "regression"])
+task_decls = st.builds(s.TaskDecl, names, kinds, label_exprs, st.none() | label_exprs)
 output_decls = st.builds(s.OutputDecl, names, _tuples(name_refs, 2), st.none() | label_exprs, st.none() | label_exprs)
 loss_decls = st.builds(s.LossDecl, name_refs, st.none() | numbers, st.none() | label_exprs, st.none() | label_exprs)
 embedding_decls = st.builds(s.EmbeddingDecl, names, owners, _tuples(embedding_props))
