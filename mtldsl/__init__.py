@@ -35,7 +35,11 @@ def compile_spec(spec: str | Path | Checked) -> str:
     """The generated module's source text for a spec (path or checked spec)."""
     from .codegen import render
 
+    from .diagnostics import SpecError
+
     checked = _checked(spec)
+    if not checked.ok:  # a checked spec with errors never reaches a template
+        raise SpecError(checked.diagnostics)
     assert checked.model is not None and checked.graph is not None
     return render(checked.model, checked.graph, checked.source.text)
 

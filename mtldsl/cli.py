@@ -104,6 +104,10 @@ def graph(
     typer.echo(f"{out}: written")
 
 
+from . import cli_runtime as _cli_runtime  # noqa: E402,F401  (registers train/evaluate/predict)
+from . import cli_tools as _cli_tools  # noqa: E402,F401
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

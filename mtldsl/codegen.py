@@ -272,7 +272,7 @@ def view(model: Model, graph: nx.DiGraph, spec_text: str) -> View:
     stmts = [Stmt(s.target, s.expr, s.comment, " " * max(col - len(s.target) - len(s.expr) - 3, 0)) for s in b.stmts]
     returns = "{" + ", ".join(f"{o.name!r}: {ident(o.name)}" for o in model.outputs) + "}"
     return View(
-        header=header.replace("\n", " "),
+        header="".join(c if c.isprintable() else "?" for c in header),  # a path cannot break out of the comment
         docstring=repr(_describe(model)),
         class_name=class_name(model.name),
         sparse_fields=_tuple(model.sparse_fields),

@@ -188,7 +188,9 @@ class _Lowering:
     diags: list[Diagnostic] = field(default_factory=list)
 
     def err(self, message: str, span: Span, hint: str | None = None) -> None:
-        self.diags.append(error(message, span, hint, self.src))
+        d = error(message, span, hint, self.src)
+        if d not in self.diags:  # a per-task declaration repeats its mistake once per instance
+            self.diags.append(d)
 
     # ---- owners and instance names ------------------------------------------------------
 
@@ -335,7 +337,8 @@ def _train(decls: Sequence[s.TrainDecl], low: _Lowering) -> Train:
     for decl in decls:
         for p in decl.props:
             if p.key not in TRAIN_KEYS:
-                low.err(f"unknown training setting '{p.key}'", p.span, did_you_mean(p.key, TRAIN_KEYS))
+                low.err(f"unknown training setting '{p.key}'", p.span,
+                        did_you_mean(p.key, TRAIN_KEYS) or "settings: " + ", ".join(TRAIN_KEYS))
                 continue
             if p.key in values:
                 low.err(f"training setting '{p.key}' is set twice", p.span, "keep one")
@@ -372,7 +375,7 @@ def lower(spec: s.Spec, src: SourceFile | None = None, schema: Schema | None = N
     levels_decls = [i for i in items if isinstance(i, s.LevelsDecl)]
     n_levels = levels_decls[0].count if levels_decls else 0
 
-    low = _Lowering(src, [t.name for t in task_decls], None, n_levels)
+    low = _Lowering(src, list(dict.fromkeys(t.name for t in task_decls)), None, n_levels)  # validate.py reports repeats
     if schema is None:
         try:
             schema = schema_for(data, data_dir)

@@ -16,9 +16,13 @@ instance shares it: `gate 'g' mixes nothing`), and by the instance name when it 
 (`stop-gradient leaves expert group 'experts_cvr' unreachable by any loss`).
 
 Identifiers (Note [Safe names]): every name that reaches generated code matches NAME_PATTERN, is at
-most MAX_NAME_LENGTH long, is not a Python keyword, not a torch.nn.Module attribute, not a name the
-generated code uses itself, and does not start with one of its local-variable prefixes. `name_problem`
-is public so that codegen's `ident` filter can re-check with the same rule.
+most MAX_NAME_LENGTH long, has no '__' (Python's marker for special names), is not a Python keyword, not a torch.nn.Module attribute, not a name the
+generated code uses itself, and does not start with its local-variable prefix. The generated forward()
+binds every embedding, expert group and gate instance, task and derived output as a local variable
+(`emb_ctr = self.emb_ctr(sparse, None)`, `ctr = torch.sigmoid(...)`), so these share one namespace
+with each other, with `h_<task>` (a tower's input) and with the module's own names (`mix`, `torch`);
+towers (`self.tower_<task>`) and transfers (`self.transfer_<src>_<dst>`) are attributes only.
+`name_problem` is public so that codegen's `ident` filter can re-check with the same rule.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import bisect
 import keyword
 import re
-import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ import networkx as nx
 from . import syntax as s
 from .diagnostics import NOWHERE, Diagnostic, SourceFile, Span, did_you_mean, error, sort_key, warning
 from .graph import grad_reach, input_width, node_id
-from .ir import METRICS, EmbeddingTable, ExpertGroup, Gate, Input, Model, Output, TaskKind, Tower, Transfer
+from .ir import METRICS, Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, Output, TaskKind, Tower, Transfer
 from .parser import parse_text
 
 # --------------------------------------------------------------------------------------------
@@ -62,50 +65,59 @@ NN_MODULE_ATTRIBUTES = frozenset({
 })
 NN_MODULE_PREFIXES = ("named_", "register_")
 
-# Names the generated module uses itself: its parameters, imports and the builtins it calls.
+# Names the generated module uses itself: forward()'s argument and locals, the module's imports and
+# functions (runtime/layers.py's standalone part), and builtins it may call.
 GENERATED_NAMES = frozenset({
-    "batch", "self", "torch", "nn", "math", "super", "dict", "str", "int", "len", "range", "zip", "list",
-    "tuple", "object", "isinstance",
+    "batch", "self", "sparse", "dense", "torch", "nn", "math", "mix", "super", "dict", "str", "int", "float",
+    "len", "range", "zip", "list", "tuple", "object", "isinstance",
 })
-# Prefixes of the generated forward's local variables (x_ embeddings, e_ experts, h_ mixed, w_ gate weights).
-GENERATED_PREFIXES = ("x_", "e_", "h_", "w_")
+# Prefixes of the generated forward's own local variables: h_<task> is a tower's input.
+GENERATED_PREFIXES = ("h_",)
 # Words with a meaning of their own in a spec: `experts[own]`, `sum(...)`, `monitor mean.auc`.
 LANGUAGE_NAMES = frozenset({"own", "other", "sum", "concat", "mean"})
 SOFT_KEYWORDS = frozenset({"_", "case", "match", "type"})
-# Classes a generated file defines or imports; the model's class name must differ.
-GENERATED_CLASSES = frozenset({"Tensor", "Module", "FusedEmbedding", "BatchedExperts"})
+# Classes a generated file defines or imports (runtime/layers.py's standalone part); the model's class
+# name must differ: a model named `gate` would become `class Gate` and shadow the layer.
+GENERATED_CLASSES = frozenset({"Tensor", "Module", "FusedEmbedding", "MLP", "BatchedExperts", "Gate", "Tower",
+                               "InfoTransfer"})
 
 BINARY_METRICS = ("auc", "gauc", "logloss")
 
 
 def class_name(model_name: str) -> str:
-    """`me_mmoe` -> `MeMmoe`: the generated module's class."""
-    return "".join(part[:1].upper() + part[1:] for part in model_name.split("_"))
+    """`me_mmoe` -> `MeMmoe`: the generated module's class (as codegen.class_name spells it)."""
+    return "".join(part.capitalize() for part in model_name.split("_") if part) or "Model"
 
 
-def name_problem(name: str) -> tuple[str, str | None] | None:
+def name_problem(name: str, local: bool = True) -> tuple[str, str | None] | None:
     """Why `name` cannot be an identifier in generated code, as (reason, hint), or None when it can.
 
-    The reason completes "... is {reason}": "a Python keyword", "longer than 64 characters".
+    `local`: the generated forward binds the name as a local variable (block instances, tasks, outputs:
+    everything but the model and the implied tower and transfer attributes), so it must not start with
+    one of GENERATED_PREFIXES either.
+
+    The reason completes "task name 'x' {reason}": "is a Python keyword", "is longer than 64 characters".
     """
     if len(name) > MAX_NAME_LENGTH:
-        return f"longer than {MAX_NAME_LENGTH} characters", f"shorten it to at most {MAX_NAME_LENGTH}"
+        return f"is longer than {MAX_NAME_LENGTH} characters", f"shorten it to at most {MAX_NAME_LENGTH} characters"
     if not NAME_PATTERN.fullmatch(name):
-        fixed = re.sub(r"[^a-z0-9_]", "_", name.lower()).strip("_")
+        fixed = re.sub(r"_+", "_", re.sub(r"[^a-z0-9_]", "_", name.lower())).strip("_")
         suggestion = f"; try '{fixed}'" if fixed and fixed != name and name_problem(fixed) is None else ""
-        return "not a valid name", "names are lower-case letters, digits and '_', starting with a letter" + suggestion
+        return "is not a valid name", "names are lower-case letters, digits and '_', starting with a letter" + suggestion
+    if "__" in name:
+        return "contains '__'", "'__' marks Python's special names; use a single '_'" + \
+            (f", e.g. '{re.sub(r'_+', '_', name)}'" if name_problem(re.sub(r"_+", "_", name), local) is None else "")
     if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in SOFT_KEYWORDS:
-        return "a Python keyword", f"rename it, e.g. '{name}_1'"
+        return "is a Python keyword", f"rename it, e.g. '{name}_1'"
     if name in NN_MODULE_ATTRIBUTES or name.startswith(NN_MODULE_PREFIXES):
-        return "a torch.nn.Module attribute", f"the generated module would shadow it; rename it, e.g. '{name}_1'"
+        return "is a torch.nn.Module attribute", f"the generated module would shadow it; rename it, e.g. '{name}_1'"
     if name in GENERATED_NAMES:
-        return "a name the generated code uses", f"rename it, e.g. '{name}_1'"
-    if name.startswith(GENERATED_PREFIXES):
-        prefix = name[:2]
-        return f"a name with the prefix '{prefix}' of the generated code's variables", \
-            "rename it, e.g. '" + (name[2:] if name_problem(name[2:]) is None else name.replace("_", "", 1)) + "'"
+        return "is a name the generated code uses", f"rename it, e.g. '{name}_1'"
     if name in LANGUAGE_NAMES:
-        return "a word of the language", f"rename it, e.g. '{name}_1'"
+        return "is a word of the language", f"rename it, e.g. '{name}_1'"
+    if local and name.startswith(GENERATED_PREFIXES):
+        return f"starts with '{name[:2]}', a prefix of the generated code's variables", \
+            "the generated forward() names a tower's input h_<task>; rename it"
     return None
 
 
@@ -204,13 +216,14 @@ class Locator:
         return d.name if isinstance(d, (s.EmbeddingDecl, s.ExpertsDecl, s.GateDecl)) else node.name
 
     def node_name_span(self, node: Block) -> Span:
-        """Where a block's name is written (a tower: its task, or `tower` of `tower per task`)."""
+        """Where a block's name is written (a tower: its task, or the `tower` keyword of `tower per task`)."""
         if isinstance(node, Tower):
-            return node.span if self.decl(node) is None or node.span != self.decl(node).span else \
-                self._keyword(node.span)  # type: ignore[union-attr]
+            d = self.decl(node)
+            return self.keyword(node.span) if isinstance(d, s.TowerDecl) and d.task is None else node.span
         return self.name(node.span, self.decl_name(node))
 
-    def _keyword(self, span: Span) -> Span:
+    def keyword(self, span: Span) -> Span:
+        """The first token at `span`: the keyword of a declaration."""
         tok = self.token(span, 0)
         return tok[1] if tok is not None else span
 
@@ -246,10 +259,13 @@ class Locator:
     def data_decls(self) -> list[s.DataDecl]:
         return [i for i in self.spec.items if isinstance(i, s.DataDecl)] if self.spec else []
 
+    def monitor_props(self) -> list[s.Prop]:
+        return [p for i in (self.spec.items if self.spec else ()) if isinstance(i, s.TrainDecl)
+                for p in i.props if p.key == "monitor"]
+
     def monitor_span(self) -> Span:
         """The value of the `monitor` setting that lower() kept (the last one written)."""
-        props = [p for i in (self.spec.items if self.spec else ()) if isinstance(i, s.TrainDecl)
-                 for p in i.props if p.key == "monitor"]
+        props = self.monitor_props()
         if not props:
             return self.model.train.span
         tok = self.token(props[-1].span, 1)
@@ -262,6 +278,20 @@ class Locator:
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _kind(node: object) -> str:
+    match node:
+        case EmbeddingTable():
+            return "embedding"
+        case ExpertGroup():
+            return "expert group"
+        case Gate():
+            return "gate"
+        case Tower():
+            return "tower"
+        case _:
+            return type(node).__name__.lower()
 
 
 def _what(node: object, at: Locator, instance: bool = False) -> str:
@@ -342,33 +372,28 @@ def check_names(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
     Checked: the model name (also as a class name), tasks, derived outputs, declared block names and
     the instance names they make (`state` per task with a task `dict` makes `state_dict`), tower names.
     An instance is checked only when its parts are valid, so one bad name gives one error. The model's
-    doc and a data path may be any one-line text: a control character (a `\\n` escape) is an error.
+    doc may be any text: codegen writes it with repr() (tests/test_codegen.py checks escapes).
     """
     at = _at(model, at)
     out = _out(at)
 
-    def report(kind: str, name: str, span: Span) -> bool:
-        problem = name_problem(name)
+    def report(kind: str, name: str, span: Span, local: bool = True) -> bool:
+        problem = name_problem(name, local)
         if problem is not None:
-            out.error(f"{kind} name '{name}' is {problem[0]}", span, problem[1])
+            out.error(f"{kind} name '{name}' {problem[0]}", span, problem[1])
         return problem is None
 
     models = at.model_decls()
     if models:
         span = at.name(models[0].span, models[0].name)
-        if report("model", model.name, span) and class_name(model.name) in GENERATED_CLASSES:
+        if report("model", model.name, span, local=False) and class_name(model.name) in GENERATED_CLASSES:
             out.error(f"model name '{model.name}' makes the class '{class_name(model.name)}', which the generated code "
                       "already uses", span, f"rename it, e.g. '{model.name}_model'")
     else:
-        problem = name_problem(model.name)
+        problem = name_problem(model.name, local=False)
         if problem is not None:
-            out.error(f"model name '{model.name}', taken from the file name, is {problem[0]}", NOWHERE,
+            out.error(f"model name '{model.name}', taken from the file name, {problem[0]}", NOWHERE,
                       "name the model with `model <name>` at the top of the spec")
-    for text, what, span in _free_texts(model, at):
-        bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
-        if bad is not None:
-            out.error(f"{what} contains the control character U+{ord(bad):04X}", span,
-                      "write it on one line, without escapes such as \\n or \\t")
 
     tasks_ok = {t.name for t in model.tasks if report("task", t.name, at.name(t.span, t.name))}
     for o in model.outputs:
@@ -376,15 +401,16 @@ def check_names(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
             report("output", o.name, at.name(o.span, o.name))
 
     reported: set[Span] = set()
+    instance_reported: set[Span] = set()
     for node in _blocks(model):
         if isinstance(node, Tower):
             if node.task in tasks_ok:
-                problem = name_problem(node.name)
+                problem = name_problem(node.name, local=False)
                 if problem is not None:
-                    out.error(f"the tower of task '{node.task}' would be named '{node.name}', which is {problem[0]}",
+                    out.error(f"the tower of task '{node.task}' would be named '{node.name}', which {problem[0]}",
                               at.node_name_span(node), "shorten the task name")
             continue
-        kind = _what(node, at).split(" '")[0]
+        kind = _kind(node)
         decl_name = at.decl_name(node)
         span = at.node_name_span(node)
         if span not in reported:
@@ -393,27 +419,13 @@ def check_names(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
                 continue
         elif name_problem(decl_name) is not None:
             continue
-        if node.name != decl_name and (node.owner is None or node.owner in tasks_ok):
+        if node.name != decl_name and (node.owner is None or node.owner in tasks_ok) and span not in instance_reported:
             problem = name_problem(node.name)
             if problem is not None:
-                out.error(f"{kind} '{decl_name}' makes an instance named '{node.name}', which is {problem[0]}", span,
-                          problem[1].replace(f"'{node.name}_1'", f"'{decl_name}_1'"))
+                instance_reported.add(span)
+                out.error(f"{kind} '{decl_name}' makes an instance named '{node.name}', which {problem[0]}", span,
+                          f"rename '{decl_name}'")
     return out.items
-
-
-def _free_texts(model: Model, at: Locator) -> list[tuple[str, str, Span]]:
-    """Strings of the spec that reach generated files verbatim: the model's doc, the data path."""
-    texts = []
-    for m in at.model_decls()[:1]:
-        if m.doc is not None:
-            tok = at.token(m.span, 2)
-            texts.append((m.doc, "the model's doc", tok[1] if tok else m.span))
-    for d in at.data_decls()[:1]:
-        if d.is_path:
-            texts.append((d.source, "the data path", d.span))
-    if at.spec is None:  # no source: check the values themselves
-        texts = [(model.doc, "the model's doc", model.span), (model.data, "the data source", model.span)]
-    return texts
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +440,7 @@ def check_duplicates(model: Model, graph: nx.DiGraph, at: Locator | None = None)
     out = _out(at)
     for kind, decls in (("model", at.model_decls()), ("data", at.data_decls())):
         for extra in decls[1:]:
-            out.error(f"`{kind}` is declared twice", at._keyword(extra.span), f"keep the one at {_line(decls[0].span)}")
+            out.error(f"`{kind}` is declared twice", at.keyword(extra.span), f"keep the one at {_line(decls[0].span)}")
 
     first_output: dict[str, Output] = {}
     for o in model.outputs:
@@ -455,16 +467,36 @@ def check_duplicates(model: Model, graph: nx.DiGraph, at: Locator | None = None)
             done.add((first.span, node.span))
             if isinstance(node, Tower) and isinstance(first, Tower):
                 continue  # lower() reports a task with two towers
-            a, b = (first, node) if (first.span.line, first.span.column) <= (node.span.line, node.span.column) \
-                or isinstance(node, Tower) else (node, first)
-            if isinstance(b, Tower):
-                a, b = b, a
+            a, b = (node, first) if isinstance(node, Tower) else (first, node)  # report at the declared block
             if not isinstance(a, Tower) and at.decl_name(a) == at.decl_name(b):
-                out.error(f"'{at.decl_name(b)}' is declared twice", at.node_name_span(b),
-                          f"first declared at {_line(a.span)}")
+                first_kind = "" if _kind(a) == _kind(b) else f" as {_kind(a)}"
+                out.error(f"{_kind(b)} '{at.decl_name(b)}' is declared twice", at.node_name_span(b),
+                          f"first declared{first_kind} at {_line(a.span)}")
             else:
+                where = f"the tower of task '{a.task}' is implied at" if isinstance(a, Tower) else \
+                    f"{_kind(a)} '{at.decl_name(a)}' is declared at"
                 out.error(f"{_describe(b, at)} has the same name as {_describe(a, at)}", at.node_name_span(b),
-                          f"{_describe(a, at)} is at {_line(a.span)}; rename one")
+                          f"{where} {_line(a.span)}; rename one")
+
+    # One namespace in forward(): block instances, tasks and outputs (Note [Safe names]).
+    local_blocks: dict[str, Block] = {}
+    for b in [*model.embeddings, *model.experts, *model.gates]:
+        local_blocks.setdefault(b.name, b)
+    for o in model.outputs:
+        b = local_blocks.get(o.name)
+        if b is None or first_output[o.name] is not o:
+            continue
+        what = f"{'output' if o.factors else 'task'} '{o.name}'"
+        hint = "blocks, tasks and outputs are variables of the generated forward(); rename one"
+        if (o.span.line, o.span.column) > (b.span.line, b.span.column):
+            out.error(f"{what} has the same name as {_describe(b, at)}", at.name(o.span, o.name), hint)
+        else:
+            out.error(f"{_describe(b, at)} has the same name as {what}", at.node_name_span(b), hint)
+    for tr in model.transfers:
+        b = local_blocks.get(f"transfer_{tr.source}_{tr.target}")
+        if b is not None:
+            out.error(f"{_describe(b, at)} has the same name as the module of transfer '{tr.source}' -> '{tr.target}'",
+                      at.node_name_span(b), f"the generated code names it 'transfer_{tr.source}_{tr.target}'; rename the block")
 
     seen_loss: dict[str, Span] = {}
     for lo in model.losses:
@@ -480,22 +512,26 @@ def check_duplicates(model: Model, graph: nx.DiGraph, at: Locator | None = None)
         if prev is tr:
             continue
         if (prev.source, prev.target) == (tr.source, tr.target):
-            out.error(f"transfer '{tr.source}' -> '{tr.target}' is declared twice", at._keyword(tr.span),
+            out.error(f"transfer '{tr.source}' -> '{tr.target}' is declared twice", at.keyword(tr.span),
                       f"keep the one at {_line(prev.span)}")
         else:
             out.error(f"transfer '{tr.source}' -> '{tr.target}' has the same name '{key}' as transfer "
-                      f"'{prev.source}' -> '{prev.target}'", at._keyword(tr.span), "rename one of the tasks")
+                      f"'{prev.source}' -> '{prev.target}'", at.keyword(tr.span), "rename one of the tasks")
     return out.items
 
 
 def _describe(node: Block, at: Locator) -> str:
+    """`embedding 'emb_ctr'`, `the 'ctr' instance of per-task embedding 'emb'`, `the tower of task 'ctr'`."""
     if isinstance(node, Tower):
         return f"the tower of task '{node.task}'"
     decl = at.decl_name(node)
-    kind = _what(node, at).split(" '")[0]
+    kind = _kind(node)
     if decl == node.name:
         return f"{kind} '{decl}'"
-    return f"instance '{node.name}' of {kind} '{decl}'"
+    d = at.decl(node)
+    per_task = isinstance(getattr(d, "owner", None), s.Owner) and d.owner.kind is s.OwnerKind.per_task  # type: ignore[union-attr]
+    which = " ".join(w for w in (f"level-{node.level}" if getattr(node, "level", 0) else "", f"'{node.owner}'" if per_task else "") if w)
+    return f"the {which} instance of {'per-task ' if per_task else ''}{kind} '{decl}'"
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,8 +631,7 @@ def check_kinds(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
             written, span = at.ref(node.input, i)
             producer = _producer(model, ref)
             if producer is None:
-                what = thing(ref) if model.block(ref) is not None or written not in declared_kind else None
-                what = what or (thing(written) if written not in declared_kind else None)
+                what = thing(ref) if written not in declared_kind else None  # else: lower() reported it
                 if what is not None:
                     out.error(f"{_what(node, at)} reads {what}, which is not a block", span,
                               "inputs are embeddings, gates or expert groups; one task's tower feeds another "
@@ -616,9 +651,13 @@ def check_kinds(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
             b = model.block(r.group)
             if isinstance(b, ExpertGroup):
                 continue
-            what = (_what(b, at) if b is not None and not isinstance(b, Tower) else None) or thing(r.group) \
-                or (f"{declared_kind[r.group]} '{r.group}'" if r.group in declared_kind else None)
-            if what is not None and declared_kind.get(r.group) != "expert group":
+            if isinstance(b, (EmbeddingTable, Gate)):
+                what: str | None = _what(b, at, instance=True)
+            elif r.group in declared_kind:
+                what = f"{declared_kind[r.group]} '{r.group}'"
+            else:
+                what = thing(r.group)
+            if what is not None:
                 out.error(f"{_what(gate, at)} mixes {what}, which is not an expert group", r.span,
                           "`mix` takes expert groups; read embeddings and gates with `input`")
     for t in model.towers:
@@ -652,8 +691,8 @@ def _same_level_read(node: Block, producer: Block) -> bool:
 
 def check_structure(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
     """The model is complete: at least one task; every task has a tower; every task reaches a loss,
-    directly or through a derived output (ESMM's cvr); a derived output without a loss is a warning;
-    every gate mixes something, and no group twice."""
+    directly or through a derived output (ESMM's cvr); a derived output without a loss, and a loss of
+    weight 0, are warnings; every gate mixes something, and no group twice."""
     at = _at(model, at)
     out = _out(at)
     if not model.tasks:
@@ -662,30 +701,42 @@ def check_structure(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
                   "add one, e.g. `task ctr binary label click`")
     towers = {t.task for t in model.towers}
     trained = _trained_outputs(model, graph)
+    names = {o.name for o in model.outputs}
+    # While a tower or a loss names an unknown task/output, the missing tower or loss is most likely that
+    # one (check_references reports it): say nothing more.
+    towers_resolved = all(t.task in names for t in model.towers)
+    losses_resolved = all(lo.output in names for lo in model.losses) and \
+        all(f in names for o in model.outputs for f in o.factors)
     for t in model.tasks:
         span = at.name(t.span, t.name)
-        if t.name not in towers:
+        if t.name not in towers and towers_resolved:
             out.error(f"task '{t.name}' has no tower", span, f"add `tower {t.name} {{ input ... }}` or `tower per task`")
-        if t.name not in trained:
+        if t.name not in trained and losses_resolved:
             out.error(f"task '{t.name}' is not trained: no loss reaches it", span,
                       f"add `loss {t.name}`, or multiply it into an output that has a loss")
+    for lo in model.losses:
+        if lo.weight == 0:
+            out.warning(f"loss on '{lo.output}' has weight 0: it trains nothing", lo.span,
+                        "give it a positive weight, or remove it")
     for o in model.outputs:
         if o.factors and o.name not in trained:
             out.warning(f"output '{o.name}' has no loss: it is computed but not trained", at.name(o.span, o.name),
                         f"add `loss {o.name}`, or drop the output")
 
     written_routes = {d.span: len(d.routes) for d in at.block_decls if isinstance(d, s.GateDecl)}
+    twice: set[Span] = set()
     for gate in model.gates:
         if not gate.routes and written_routes.get(gate.span, 0) == 0:
             out.error(f"{_what(gate, at)} mixes nothing", at.node_name_span(gate),
                       "add `mix <expert group>`; a gate is a softmax over experts")
         seen: dict[str, Span] = {}
         for r in gate.routes:
-            if r.group in seen:
+            if r.group in seen and r.span not in twice:
+                twice.add(r.span)
                 hint = "the route at " + _line(seen[r.group]) + " already mixes it" if seen[r.group] != r.span \
                     else "this route names the group twice"
-                out.error(f"{_what(gate, at, instance=True)} mixes '{r.group}' twice", r.span, hint)
-            else:
+                out.error(f"{_what(gate, at, instance=True)} mixes expert group '{r.group}' twice", r.span, hint)
+            elif r.group not in seen:
                 seen[r.group] = r.span
     return out.items
 
@@ -717,7 +768,7 @@ def check_cycles(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> 
     out = _out(at)
     for node in _consumers(model):
         for i, ref in enumerate(node.input.refs):
-            if ref == node.name:
+            if ref == node.name and not isinstance(node, Tower):  # a tower reading a tower: check_kinds
                 out.error(f"{_what(node, at)} reads itself", at.ref(node.input, i)[1],
                           "a block cannot read its own output")
     blocks = graph.subgraph(n for n, k in graph.nodes(data="kind") if k in ("emb", "experts", "gate")).copy()
@@ -745,7 +796,10 @@ def check_cycles(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> 
                   f"{_what(graph.nodes[v]['block'], at)} reads {_what(graph.nodes[u]['block'], at)}, which is "
                   "computed from it; a block cannot depend on its own output")
     outputs = graph.subgraph(n for n, k in graph.nodes(data="kind") if k == "output")
-    by_name = {o.name: o for o in model.outputs if o.factors}
+    counts = defaultdict(int)
+    for o in model.outputs:
+        counts[o.name] += 1
+    by_name = {o.name: o for o in model.outputs if o.factors and counts[o.name] == 1}  # else: check_duplicates
     for comp in sorted(nx.strongly_connected_components(outputs), key=lambda c: sorted(c)):
         if len(comp) < 2 and not outputs.has_edge(next(iter(comp)), next(iter(comp))):
             continue
@@ -784,7 +838,7 @@ def check_transfers(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
             continue
         for end, span in ((tr.source, src_span), (tr.target, dst_span)):
             if end in tasks and end not in towers:
-                out.error(f"transfer between towers, but task '{end}' has no tower", span,
+                out.error(f"transfer {'from' if end == tr.source else 'to'} task '{end}', which has no tower", span,
                           f"add `tower {end} {{ ... }}` or `tower per task`")
         if tr.target in tasks and tr.source in tasks:
             prev = into.setdefault(tr.target, tr)
@@ -799,7 +853,7 @@ def check_transfers(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
     if cycle:
         closing = max((chain.edges[e]["transfer"] for e in cycle), key=lambda t: (t.span.line, t.span.column))
         names = " -> ".join(f"'{a}'" for a, _ in cycle) + f" -> '{cycle[0][0]}'"
-        out.error(f"transfer cycle: {names}", at._keyword(closing.span), "transfers must form a chain, e.g. ctr -> cvr")
+        out.error(f"transfer cycle: {names}", at.keyword(closing.span), "transfers must form a chain, e.g. ctr -> cvr")
     return out.items
 
 
@@ -821,11 +875,15 @@ def check_dimensions(model: Model, graph: nx.DiGraph, at: Locator | None = None)
         nid = node_id({EmbeddingTable: "emb", ExpertGroup: "experts", Gate: "gate"}[type(p)], name)
         return graph.nodes[nid].get("width") if nid in graph else None
 
+    for e in model.embeddings:
+        if e.width == 0 and _selects_nothing(at.decl(e)):
+            out.error(f"{_what(e, at)} yields no features", at.node_name_span(e),
+                      "select fields, e.g. `fields all`, or `dense all`")
     for node in _consumers(model):
         inp = node.input
-        if inp.op.value == "sum" and len(inp.refs) > 1:
+        if inp.op is Combine.sum and len(inp.refs) > 1 and node.name not in inp.refs:  # else check_cycles
             widths = [(at.ref(inp, i)[0], width(r)) for i, r in enumerate(inp.refs)]
-            known = [(n, w) for n, w in widths if w is not None]
+            known = [(n, w) for n, w in widths if w]  # unknown, or an empty table (reported above or by lower())
             if len({w for _, w in known}) > 1:
                 first = known[0]
                 other = next((n, w) for n, w in known if w != first[1])
@@ -859,9 +917,19 @@ def check_dimensions(model: Model, graph: nx.DiGraph, at: Locator | None = None)
         wa, wb = input_width(graph, model, a.input), input_width(graph, model, b.input)
         if wa is not None and wb is not None and wa != wb:
             out.error(f"transfer '{tr.source}' -> '{tr.target}' joins towers whose inputs differ in width: "
-                      f"'{tr.source}' reads {wa}, '{tr.target}' reads {wb}", at._keyword(tr.span),
-                      "the transferred representation is added to the target's: give both towers inputs of one width")
+                      f"'{tr.source}' reads {wa}, '{tr.target}' reads {wb}", at.keyword(tr.span),
+                      "AITM's attention mixes the two towers' inputs, so they need one width")
     return out.items
+
+
+def _selects_nothing(decl: object) -> bool:
+    """`fields none`, `fields []`, `dense none`: the spec asks for nothing (lower() reports what it cannot
+    resolve, and a missing `fields`). Without the syntax, any empty table."""
+    if not isinstance(decl, s.EmbeddingDecl):
+        return decl is None
+    sels = [p.value for p in decl.props if p.key in ("fields", "dense")]
+    return bool(sels) and all(isinstance(f, s.FieldSel) and (f.group == "none" or (f.group is None and not f.fields))
+                              for f in sels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,10 +986,9 @@ def check_train(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
     at = _at(model, at)
     out = _out(at)
     monitor = model.train.monitor
+    if at.spec is not None and not at.monitor_props():
+        return []  # the default, mean.auc: the trainer averages over the outputs that have the metric
     span = at.monitor_span()
-    explicit = span != model.train.span or span != NOWHERE
-    if not explicit:
-        return []
     kinds = {o.name: o.kind for o in model.outputs}
     target, dot, metric = monitor.rpartition(".")
     if not dot or not target:

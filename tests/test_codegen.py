@@ -87,7 +87,7 @@ loss ctr
 
 @pytest.mark.parametrize("doc", [
     '"\\"\\"\\" ; import os; os.system(\\"rm -rf /\\") ; \\"\\"\\""',
-    '"x\\\\" + __import__(\\"os\\").getcwd() + \\""',
+    '"x\\\\\\" + __import__(\\"os\\").getcwd() + \\""',
     '"line one\\nimport os"',
     '"tab\\there \'single\' quotes"',
 ])

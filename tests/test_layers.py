@@ -39,6 +39,17 @@ def _seed_and_one_thread():
     torch.set_num_threads(threads)
 
 
+def assert_close(actual: Tensor, expected: Tensor, atol: float = ATOL, rtol: float = ATOL) -> None:
+    """Same shape and dtype, |actual - expected| <= atol + rtol * |expected| elementwise.
+
+    (torch.testing.assert_close would do, but its first call imports torch.distributed: seconds.)
+    """
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual.shape, expected.shape)
+    diff = (actual.detach() - expected.detach()).abs()
+    bad = diff > atol + rtol * expected.detach().abs()
+    assert not bad.any(), f"max abs diff {diff.max().item():.3g} at {bad.nonzero()[0].tolist()}"
+
+
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -119,22 +130,22 @@ def test_batched_experts_match_separate_experts(batch_norm: bool, shared: bool, 
     ref = torch.stack([seq(x_ref if shared else x_ref[:, e]) for e, seq in enumerate(experts)], dim=1)
     out = batched(x_bat)
     assert out.shape == (B, n, dims[-1])
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
+    assert_close(out, ref, )
 
     g = torch.randn_like(ref)
     ref.backward(g)
     out.backward(g)
-    torch.testing.assert_close(x_bat.grad, x_ref.grad, atol=ATOL, rtol=ATOL)
+    assert_close(x_bat.grad, x_ref.grad, )
     for e, seq in enumerate(experts):
         linears = [m for m in seq if isinstance(m, nn.Linear)]
         for i, lin in enumerate(linears):
-            torch.testing.assert_close(batched.weights[i].grad[e], lin.weight.grad.t(), atol=ATOL, rtol=ATOL)
-            torch.testing.assert_close(batched.biases[i].grad[e], lin.bias.grad, atol=ATOL, rtol=ATOL)
+            assert_close(batched.weights[i].grad[e], lin.weight.grad.t(), )
+            assert_close(batched.biases[i].grad[e], lin.bias.grad, )
         if batch_norm:  # per-expert running statistics (updated in train mode, untouched in eval)
             for i, bn in enumerate(m for m in seq if isinstance(m, nn.BatchNorm1d)):
                 w = bn.num_features
-                torch.testing.assert_close(batched.norms[i].running_mean[e * w:(e + 1) * w], bn.running_mean)
-                torch.testing.assert_close(batched.norms[i].running_var[e * w:(e + 1) * w], bn.running_var)
+                assert_close(batched.norms[i].running_mean[e * w:(e + 1) * w], bn.running_mean)
+                assert_close(batched.norms[i].running_var[e * w:(e + 1) * w], bn.running_var)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -147,7 +158,7 @@ def test_batched_experts_every_activation(activation: str) -> None:
         m.train()
     x = torch.randn(B, d_in)
     ref = torch.stack([seq(x) for seq in experts], dim=1)
-    torch.testing.assert_close(batched(x), ref, atol=ATOL, rtol=ATOL)
+    assert_close(batched(x), ref, )
 
 
 def test_batched_experts_init_and_params() -> None:
@@ -174,7 +185,7 @@ def test_batched_experts_dropout() -> None:
     ex = BatchedExperts(2, 8, [64], activation="none", dropout=0.5)
     x = torch.randn(32, 8)
     ex.eval()
-    torch.testing.assert_close(ex(x), ex(x))
+    assert_close(ex(x), ex(x))
     ex.train()
     zeros = (ex(x) == 0).float().mean().item()
     assert 0.35 < zeros < 0.65
@@ -185,7 +196,7 @@ def test_batched_experts_trace() -> None:
     for x in (torch.randn(8, 6), torch.randn(8, 3, 6)):
         traced = torch.jit.trace(ex, (x,))
         x2 = torch.randn(11, *x.shape[1:])  # a different batch size
-        torch.testing.assert_close(traced(x2), ex(x2))
+        assert_close(traced(x2), ex(x2))
 
 
 # ---- FusedEmbedding ----------------------------------------------------------------------------
@@ -215,7 +226,7 @@ def test_fused_embedding_matches_per_field_tables() -> None:
     ref = torch.cat([t(sparse[:, f]) for f, t in enumerate(per_field_reference(emb, vocab))], dim=1)
     out = emb(sparse, None)
     assert out.shape == (B, len(vocab) * dim)
-    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert_close(out, ref, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("columns", [(4, 1, 3), (1, 2, 3)], ids=["gather", "slice"])
@@ -226,7 +237,7 @@ def test_fused_embedding_column_selection(columns: tuple[int, ...]) -> None:
     sparse = random_ids(B, all_vocab)
     tables = per_field_reference(emb, vocab)
     ref = torch.cat([t(sparse[:, c]) for t, c in zip(tables, columns)], dim=1)
-    torch.testing.assert_close(emb(sparse, None), ref, atol=0, rtol=0)
+    assert_close(emb(sparse, None), ref, atol=0, rtol=0)
     assert n_params(emb) == sum(vocab) * dim
 
 
@@ -237,8 +248,11 @@ def test_fused_embedding_dense_append(dense_columns: tuple[int, ...]) -> None:
     sparse, dense = random_ids(B, vocab), torch.randn(B, 3)
     out = emb(sparse, dense)
     assert emb.out_features == len(vocab) * dim + len(dense_columns) == out.shape[1]
-    torch.testing.assert_close(out[:, :len(vocab) * dim], emb(sparse, None), atol=0, rtol=0)
-    torch.testing.assert_close(out[:, len(vocab) * dim:], dense[:, list(dense_columns)], atol=0, rtol=0)
+    ref = torch.cat([t(sparse[:, f]) for f, t in enumerate(per_field_reference(emb, vocab))], dim=1)
+    assert_close(out[:, :len(vocab) * dim], ref, atol=0, rtol=0)
+    assert_close(out[:, len(vocab) * dim:], dense[:, list(dense_columns)], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="appends 2 dense features"):
+        emb(sparse, None)
     no_dense = FusedEmbedding(vocab, dim, sparse_columns=None, dense_columns=())
     assert no_dense.out_features == len(vocab) * dim
     assert no_dense(sparse, dense).shape == (B, len(vocab) * dim)
@@ -256,7 +270,7 @@ def test_fused_embedding_copies() -> None:
     for c in range(copies):
         tables = per_field_reference(emb, vocab, copy=c)
         ref = torch.cat([t(sparse[:, col]) for t, col in zip(tables, columns)] + [dense[:, 1:2]], dim=1)
-        torch.testing.assert_close(out[:, c], ref, atol=0, rtol=0)
+        assert_close(out[:, c], ref, atol=0, rtol=0)
     assert not torch.equal(out[:, 0], out[:, 1])  # each copy has its own rows
 
 
@@ -271,7 +285,7 @@ def test_fused_embedding_gradient_layout(sparse_grad: bool) -> None:
     dense_grad = grad.to_dense() if sparse_grad else grad
     touched = (dense_grad != 0).any(dim=1).nonzero().flatten().tolist()
     assert touched == [0, 5, 6 + 1]  # field 1's id 1 is row 7, counted twice
-    torch.testing.assert_close(dense_grad[7], torch.full((3,), 2.0))
+    assert_close(dense_grad[7], torch.full((3,), 2.0))
 
 
 def test_fused_embedding_rejects_mismatched_columns() -> None:
@@ -308,7 +322,7 @@ def test_mlp_activations(activation: str) -> None:
     ref = reference_act(activation)
     if activation == "prelu":
         ref.weight.data.copy_(mlp.layers[1].weight.data)
-    torch.testing.assert_close(mlp(x), ref(mlp.layers[0](x)))
+    assert_close(mlp(x), ref(mlp.layers[0](x)))
 
 
 @pytest.mark.parametrize("factory", [
@@ -330,7 +344,7 @@ def test_gate() -> None:
     for g in (gate, deep, Gate(12, 5)):
         w = g(torch.randn(9, 12))
         assert w.shape == (9, 5) and (w >= 0).all()
-        torch.testing.assert_close(w.sum(dim=1), torch.ones(9))
+        assert_close(w.sum(dim=1), torch.ones(9))
 
 
 def test_mix_is_weighted_sum() -> None:
@@ -340,9 +354,9 @@ def test_mix_is_weighted_sum() -> None:
     ref = sum(weights[:, e:e + 1] * experts[:, e] for e in range(n))
     out = mix(weights, experts)
     assert out.shape == (B, d)
-    torch.testing.assert_close(out, ref)
+    assert_close(out, ref)
     out.sum().backward()
-    torch.testing.assert_close(weights.grad, experts.detach().sum(dim=2))
+    assert_close(weights.grad, experts.detach().sum(dim=2))
 
 
 def test_tower() -> None:
@@ -354,8 +368,8 @@ def test_tower() -> None:
     assert h.shape == (7, 4) and tower.out_features == 4
     y = tower(x)
     assert y.shape == (7,)
-    torch.testing.assert_close(y, tower.head(h))
-    torch.testing.assert_close(y, tower.out(h)[:, 0])
+    assert_close(y, tower.head(h))
+    assert_close(y, tower.out(h)[:, 0])
     flat = Tower(10, [])
     assert flat(x).shape == (7,) and flat.hidden(x) is x
 
@@ -373,7 +387,7 @@ def test_info_transfer() -> None:
     x = torch.stack([current, it.info(previous)], dim=1)  # the attention written out
     q, k, v = x @ it.q.weight.t(), x @ it.k.weight.t(), x @ it.v.weight.t()
     a = torch.softmax((q * k).sum(-1) / math.sqrt(dim), dim=1)
-    torch.testing.assert_close(out, (a.unsqueeze(-1) * v).sum(1))
+    assert_close(out, (a.unsqueeze(-1) * v).sum(1))
 
     out.pow(2).sum().backward()
     assert current.grad.abs().sum() > 0 and previous.grad.abs().sum() > 0
@@ -435,4 +449,35 @@ def test_standalone_region_is_self_contained() -> None:
     y.sum().backward()
     model.eval()
     traced = torch.jit.trace(model, (sparse, dense))
-    torch.testing.assert_close(traced(sparse[:4], dense[:4]), model(sparse[:4], dense[:4]))
+    assert_close(traced(sparse[:4], dense[:4]), model(sparse[:4], dense[:4]))
+
+
+def test_onnx_export_matches_torch() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    import io
+    import warnings
+
+    class Mini(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = FusedEmbedding([3, 5], 4, (2, 0), (1,), copies=3)
+            self.experts = BatchedExperts(3, 9, (8, 6), activation="prelu", batch_norm=True)
+            self.g = Gate(9, 3, batch_norm=True)
+            self.tower = Tower(6, (4,))
+            self.transfer = InfoTransfer(6)
+
+        def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+            x = self.emb(sparse, dense)  # (B, 3, 9)
+            h = mix(self.g(x.sum(dim=1)), self.experts(x))
+            return torch.sigmoid(self.tower(self.transfer(h, h)))
+
+    model = Mini().eval()
+    sparse, dense = random_ids(10, [5, 7, 3]), torch.randn(10, 2)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (sparse, dense), buf, input_names=["sparse", "dense"], output_names=["y"],
+                          dynamic_axes={"sparse": {0: "B"}, "dense": {0: "B"}, "y": {0: "B"}}, dynamo=False)
+    session = ort.InferenceSession(buf.getvalue())
+    (y,) = session.run(None, {"sparse": sparse[:4].numpy(), "dense": dense[:4].numpy()})
+    assert_close(torch.from_numpy(y), model(sparse[:4], dense[:4]), )

@@ -451,12 +451,12 @@ def _to_split(a: Mapping[str, object], truth: Mapping[str, np.ndarray] | None = 
 
 _RANK = 4
 _SEGMENTS = 8
-_CLUSTER = 0.75  # weight of the segment/category vector in a user/item latent vector
-_OWN = 0.66  # weight of the individual part (0.75**2 + 0.66**2 ~ 1)
+_CLUSTER = 0.95  # weight of the segment/category vector in a user/item latent vector
+_OWN = 0.31  # weight of the individual part (0.95**2 + 0.31**2 ~ 1)
 _CONFLICT_SHARE = 0.35
 _CLICK_RATE = 0.06
 _BUY_GIVEN_CLICK = 0.15
-_CLICK_SCALE = 1.1
+_CLICK_SCALE = 1.3
 _BUY_SCALE = 1.5
 _POSITION_EFFECT = np.array([0.3, 0.0, -0.3])
 _CITY_EFFECT = np.array([0.15, 0.05, -0.05, -0.15])
@@ -519,7 +519,7 @@ def _generate(rows: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np
     b_buy = _solve_bias(buy_logit.ravel(), grid_w.ravel(), _BUY_GIVEN_CLICK, scale=p_click_grid.ravel())
 
     # user profile and behaviour fields: functions of the user
-    seg_obs = np.where(rng.random(n_users) < 0.8, seg, rng.integers(0, _SEGMENTS, n_users))
+    seg_obs = np.where(rng.random(n_users) < 0.9, seg, rng.integers(0, _SEGMENTS, n_users))
     gender = np.where(rng.random(n_users) < 0.9, seg % 2, 1 - seg % 2)
     age = (seg // 2 + rng.integers(0, 4, n_users)) % v["125"]
     level = np.digitize(activity, np.quantile(activity, [1 / 3, 2 / 3]))

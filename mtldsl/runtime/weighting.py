@@ -164,18 +164,20 @@ def _add_correction(params: Sequence[nn.Parameter], grads: list[list[Tensor | No
 
 
 def last_shared_layer(shared: Sequence[nn.Parameter]) -> nn.Parameter | None:
-    """GradNorm's W: the last shared parameter with two or more dimensions, in the given (registration) order.
+    """GradNorm's W: among the shared parameters with the most dimensions (at least 2), the last one.
 
-    In a generated model that is the last shared weight matrix: a Linear weight (2-D) or the stacked
-    weights of an expert group's last layer ((n, d_in, d_out), one matrix per expert); biases and
-    BatchNorm vectors (1-D) are skipped. It is an embedding table only when the embeddings are the
-    only shared layer (ESMM). torch-rechub's GradNorm picks an embedding table even when shared MLP
-    layers exist (PEERS 1g.1).
+    `shared` is in the model's registration order, which in a generated model is forward order. If a
+    shared expert group exists, W is the stacked weight (n, d_in, d_out) of the last shared expert
+    layer (its stacked biases (n, d_out) are 2-D and so never win); otherwise the last shared 2-D
+    tensor: a Linear weight (MLP biases and BatchNorm vectors are 1-D), or the embedding table when
+    the embeddings are the only shared layer (ESMM). torch-rechub's GradNorm picks an embedding table
+    even when shared MLP layers exist (PEERS 1g.1). Pass `layer=` to make() to choose W yourself.
     """
-    for p in reversed(list(shared)):
-        if p.dim() >= 2:
-            return p
-    return None
+    params = list(shared)
+    top = max((p.dim() for p in params), default=0)
+    if top < 2:
+        return None
+    return next(p for p in reversed(params) if p.dim() == top)
 
 
 # --- the interface ----------------------------------------------------------------------------------
@@ -307,8 +309,8 @@ class GradNorm(Weighting):
     weights are renormalised so that sum_t v_t = T (the paper renormalises after each update; doing it
     before the next use is the same except for the very last step), clamped at a tiny positive value
     first. l_t(0) is the first call's loss. W is `layer` if given, else last_shared_layer(shared): the
-    last shared parameter with >= 2 dimensions in registration order, i.e. the last shared Linear
-    weight or the stacked weights of the last shared expert layer (see last_shared_layer). The effective
+    stacked weights of the last shared expert layer, else the last shared Linear weight, else the
+    shared embedding table (see last_shared_layer for the rule). The effective
     weight is w_t * v_t. With one task or no shared layer there is nothing to balance: v stays at 1.
     """
 
@@ -472,11 +474,13 @@ _CLASSES: dict[str, type[Weighting]] = {"fixed": Fixed, "uwl": UWL, "gradnorm": 
 
 
 def make(name: str, tasks: Sequence[str], weights: Mapping[str, float], shared: Sequence[nn.Parameter], *,
-         target: str | None = None, kinds: Mapping[str, object] | None = None) -> Weighting:
+         target: str | None = None, kinds: Mapping[str, object] | None = None,
+         layer: nn.Parameter | None = None) -> Weighting:
     """The weighting strategy `name` (one of NAMES) for these tasks.
 
     target: MetaBalance's target task (default: the first task); kinds: task kind per task for UWL
-    ('binary' or 'regression', or ir.TaskKind; default binary). Options a strategy does not use are ignored.
+    ('binary' or 'regression', or ir.TaskKind; default binary); layer: GradNorm's W (default:
+    last_shared_layer(shared)). Options a strategy does not use are ignored.
     """
     key = name.strip().lower()
     if key not in _CLASSES:
@@ -487,4 +491,6 @@ def make(name: str, tasks: Sequence[str], weights: Mapping[str, float], shared: 
         return UWL(tasks, weights, shared, kinds=kinds)
     if key == "metabalance":
         return MetaBalance(tasks, weights, shared, target=target)
+    if key == "gradnorm":
+        return GradNorm(tasks, weights, shared, layer=layer)
     return _CLASSES[key](tasks, weights, shared)

@@ -1,0 +1,154 @@
+"""The front end never raises: grammar-shaped text, random text and mutated shipped specs all come back as
+a Checked whose diagnostics lie inside the text and render. A spec that checks clean has only safe names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.lark import from_lark
+from lark import Lark
+
+from mtldsl.diagnostics import render_all
+from mtldsl.parser import GRAMMAR
+from mtldsl.pipeline import Checked, check_text
+from mtldsl.validate import name_problem
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "specs").glob("*.mtl"))]
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+# Names a spec might declare or misspell, names that must be refused, and dataset words.
+NAMES = ["ctr", "cvr", "ctcvr", "emb", "emb_shared", "experts", "experts_shared", "g", "g_shared", "bottom",
+         "click", "purchase", "all", "user", "item", "synthetic", "class", "forward", "training", "batch",
+         "Foo", "h_ctr", "own", "mean", "mix", "a__b", "tower_ctr", "emb_ctr", "a" * 70]
+
+
+def assert_sound(text: str, checked: Checked) -> None:
+    assert isinstance(checked, Checked)
+    assert (checked.model is None) == (checked.syntax is None)
+    for d in checked.diagnostics:
+        assert d.span.within(text), (d.span, d.message)
+        assert isinstance(d.render(), str)
+    render_all(checked.diagnostics)
+
+
+def assert_safe_when_clean(checked: Checked) -> None:
+    """Note [Safe names] in validate.py: nothing unsafe gets past a clean check."""
+    if not checked.ok or checked.model is None:
+        return
+    m = checked.model
+    local = [*(t.name for t in m.tasks), *(o.name for o in m.outputs)]
+    names = [m.name, *(b.name for b in (*m.embeddings, *m.experts, *m.gates, *m.towers))]
+    bad = [n for n in names if name_problem(n) is not None] + [n for n in local if name_problem(n, local=True) is not None]
+    assert not bad, f"unsafe names passed the check: {bad}"
+
+
+# ---- grammar-shaped text ----------------------------------------------------------------------------
+
+
+def _grammar_strategy() -> st.SearchStrategy[str]:
+    """from_lark over grammars/mtl.lark, every token followed by a space so that tokens do not glue."""
+    lark = Lark(GRAMMAR.read_text(), start="spec", parser="lalr")
+    spaced = {
+        "NAME": st.sampled_from(NAMES),
+        "DOTTED": st.sampled_from(["cvr.auc", "mean.auc", "ctr.mse", "ctr.acc", "a.b.c"]),
+        "STRING": st.sampled_from(['"doc"', '"101"', '"205"', '"a \\" b"', '"x\\ny"', '""', '"a\\\\b"']),
+        "INT": st.sampled_from(["0", "1", "2", "4", "16"]),
+        "FLOAT": st.sampled_from(["0.1", "1e-3", ".5", "2."]),
+        "BOOL": st.sampled_from(["true", "false"]),
+        "FLAG": st.sampled_from(["forward", "backward"]),
+        "COMMENT": st.just("# c\n"),
+        "WS": st.sampled_from([" ", "\n"]),
+    }
+    explicit = {}
+    for t in lark.terminals:
+        if t.name in spaced:
+            explicit[t.name] = spaced[t.name].map(lambda s: s + " ")
+        elif t.pattern.type == "str":
+            explicit[t.name] = st.just(t.pattern.value + " ")
+    return from_lark(lark, start="spec", explicit=explicit)
+
+
+GRAMMAR_TEXT = _grammar_strategy()
+
+
+@FUZZ
+@given(GRAMMAR_TEXT)
+def test_grammar_shaped_text_never_raises(text: str) -> None:
+    checked = check_text(text)
+    assert_sound(text, checked)
+    assert_safe_when_clean(checked)
+
+
+# ---- random text ------------------------------------------------------------------------------------
+
+SPEC_CHARS = list('abcdefgxyz_ {}[]()",*=->.#\\\n\t0123456789\r\x00é')
+PIECES = st.sampled_from(SPEC_CHARS) | st.sampled_from(["task ", "gate ", "mix ", "experts ", "model "]) | st.characters()
+
+
+@FUZZ
+@given(st.lists(PIECES, max_size=120).map("".join))
+def test_random_text_never_raises(text: str) -> None:
+    assert_sound(text, check_text(text))
+
+
+# ---- mutated shipped specs ----------------------------------------------------------------------------
+
+SNIPPETS = ["{", "}", "[", "]", "(", ")", ",", "*", "->", '"', "\\", "#", "\n", " ", "forward", "backward",
+            "per task", "for ctr", "shared", "mix experts", "input emb", "count 3", "copies 2", "levels 2 {",
+            "transfer cvr -> ctr", "loss cvr", "task ctr binary label click", "output o = ctr * cvr",
+            "tower per task { input g }", "gate g { input emb }", "sum(emb, g)", "concat(emb, emb)", "[own]",
+            "train { monitor ctr.mse }", "mlp [8]", "mlp []", "dim 0", "0", "1e9"]
+
+
+@st.composite
+def mutated_specs(draw: st.DrawFn) -> str:
+    text = draw(st.sampled_from(SHIPPED))
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(text)))
+        j = draw(st.integers(i, min(len(text), i + 40)))
+        op = draw(st.sampled_from(["delete", "insert", "replace"]))
+        new = "" if op == "delete" else draw(st.sampled_from(SNIPPETS) | st.text(st.sampled_from(SPEC_CHARS), max_size=6))
+        text = text[:i] + new + text[j:] if op != "insert" else text[:i] + new + text[i:]
+    return text
+
+
+_NAME_TOKEN = re.compile(r"(?<![\w.\"])[a-z_][a-z0-9_]*(?![\w.\"])")
+KEYWORDS = {t.pattern.value for t in Lark(GRAMMAR.read_text(), start="spec", parser="lalr").terminals
+            if t.pattern.type == "str"} | {"forward", "backward", "true", "false"}
+
+
+@st.composite
+def renamed_specs(draw: st.DrawFn) -> str:
+    """A shipped spec with a few names swapped: mostly parses, so lowering and validation see it."""
+    text = draw(st.sampled_from(SHIPPED))
+    body = text.split("\nmodel ", 1)
+    head, rest = (body[0] + "\nmodel ", body[1]) if len(body) == 2 else ("", text)
+    for _ in range(draw(st.integers(1, 3))):
+        matches = [m for m in _NAME_TOKEN.finditer(rest) if m.group() not in KEYWORDS]
+        if not matches:
+            break
+        m = draw(st.sampled_from(matches))
+        rest = rest[: m.start()] + draw(st.sampled_from(NAMES)) + rest[m.end():]
+    return head + rest
+
+
+@FUZZ
+@given(mutated_specs())
+def test_mutated_spec_never_raises(text: str) -> None:
+    checked = check_text(text, "specs/mutated.mtl")
+    assert_sound(text, checked)
+    assert_safe_when_clean(checked)
+
+
+@FUZZ
+@given(renamed_specs())
+def test_renamed_spec_never_raises(text: str) -> None:
+    checked = check_text(text, "specs/renamed.mtl")
+    assert_sound(text, checked)
+    assert_safe_when_clean(checked)
