@@ -31,6 +31,8 @@ __all__ = [
     "find_split_files",
     "infer_schema",
     "known_groups",
+    "locate",
+    "named",
     "resolve_folder",
     "schema_for",
     "schema_from_json",
@@ -228,7 +230,7 @@ KNOWN_DATASETS: dict[str, DatasetInfo] = {
     ),
     "ali_ccp": DatasetInfo(
         name="ali_ccp",
-        title="Ali-CCP (Alibaba Click and Conversion Prediction)",
+        title="Ali-CCP, Alibaba Click and Conversion Prediction",
         schema=_ali_ccp_schema("ali_ccp"),
         file_prefix="ali_ccp",
         folder_names=("ali_ccp", "ali-ccp"),
@@ -369,7 +371,7 @@ def resolve_folder(name: str, data_dir: str | Path | None = None) -> Path:
         f"dataset '{key}' ({info.title}) not found; looked for a train file in:\n{where}\n"
         f"expected layout: {layout}\n"
         f"get the raw files from {info.source}{prepare}\n"
-        f"(or pass --data-dir / set $MTLDSL_DATA to the folder that holds '{info.folder_names[0]}/')"
+        f"(data folders are looked for under the data directory given, $MTLDSL_DATA or ~/.mtldsl/data)"
     )
 
 
@@ -448,6 +450,11 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
 # --- inference ------------------------------------------------------------------------------------
 
 
+def _cell(v: object) -> str:
+    """A Parquet value as CSV would show it."""
+    return "" if v is None else repr(v) if isinstance(v, float) else str(v)
+
+
 def _read_sample(path: Path, n: int) -> tuple[list[str], list[list[str]]]:
     """Header and up to n rows of a data file, as strings."""
     if path.suffix == ".parquet":
@@ -458,7 +465,7 @@ def _read_sample(path: Path, n: int) -> tuple[list[str], list[list[str]]]:
         rows: list[list[str]] = []
         for batch in pf.iter_batches(batch_size=n):
             cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-            rows.extend([("" if v is None else repr(v) if isinstance(v, float) else str(v)) for v in r] for r in zip(*cols))
+            rows.extend([_cell(v) for v in r] for r in zip(*cols))
             break
         return header, rows[:n]
     with open(path, newline="", encoding="utf-8") as f:
@@ -548,21 +555,42 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
     )
 
 
-def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Sequence[str] | None = None) -> Schema:
-    """The schema of a named dataset (fixed, no files needed) or of a folder (schema.json, else inferred)."""
+def named(source: str) -> str | None:
+    """The KNOWN_DATASETS key `source` names ("ali-ccp" -> "ali_ccp"), or None for a path or an unknown name."""
+    if "/" in source or os.sep in source:  # a name beats a same-named folder; a path never names
+        return None
+    return _normalise_name(source)
+
+
+def locate(source: str, data_dir: str | Path | None = None) -> Path:
+    """The folder of a non-named source: the path itself, else <root>/<source> under the data roots."""
     path = Path(source).expanduser()
-    key = _normalise_name(source)
-    if key is not None and "/" not in source and os.sep not in source:  # a name beats a same-named folder
+    if path.is_dir():
+        return path
+    if not path.is_absolute():
+        for root in data_roots(data_dir):
+            if (root / source).is_dir():
+                return root / source
+    known = ", ".join(KNOWN_DATASETS)
+    raise DatasetNotFound(f"no dataset '{source}': not a folder and not one of {known}")
+
+
+def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Sequence[str] | None = None) -> Schema:
+    """The schema of a named dataset (fixed, no files needed) or of a folder (schema.json, else inferred).
+
+    A folder is `source` itself or, for a relative path, `<root>/<source>` under data_roots(data_dir).
+    """
+    key = named(source)
+    if key is not None:
         schema = KNOWN_DATASETS[key].schema
         if labels is not None and tuple(labels) != schema.labels:
             raise DataError(f"dataset '{key}' has fixed labels {', '.join(schema.labels)}; --labels applies to folders")
         return schema
-    if not path.is_dir():
-        known = ", ".join(KNOWN_DATASETS)
-        raise DatasetNotFound(f"no dataset '{source}': not a folder and not one of {known}")
+    path = locate(source, data_dir)
     schema_file = path / SCHEMA_FILE
     if schema_file.is_file():
-        schema = schema_from_json(schema_file.read_text(encoding="utf-8"), path=schema_file, default_name=path.resolve().name)
+        text = schema_file.read_text(encoding="utf-8")
+        schema = schema_from_json(text, path=schema_file, default_name=path.resolve().name)
         if labels is not None and tuple(labels) != schema.labels:
             raise DataError(f"{schema_file}: labels are {', '.join(schema.labels)}; edit the file to change them")
         return schema

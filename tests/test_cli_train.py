@@ -173,7 +173,7 @@ def test_spec_fields_missing_from_the_data_are_positioned(tmp_path: Path) -> Non
                     "tower income { input emb mlp [4] }\nloss income\n")
     result = runner.invoke(app, ["train", str(spec), "--data", str(data), "--no-progress"])
     assert result.exit_code == 1
-    assert f"{spec}:3:37: error: dataset 'census_income' has no sparse field '101'" in result.stderr
+    assert f"{spec}:3:38: error: dataset 'census_income' has no sparse field '101'" in result.stderr
 
 
 @pytest.mark.parametrize(("flags", "message"), [

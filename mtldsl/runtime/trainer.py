@@ -8,8 +8,10 @@ reload a run folder (spec.mtl, model.py, checkpoint.pt; runs.py describes the fo
 Hot path: batches are slices of pre-built tensors already on the device, holding only the model's
 columns and the label products the losses need; per-step losses stay on the device and are read back
 once every LOG_EVERY steps (NaN check, progress bar), and before any checkpoint is written, so a
-diverged step never reaches a checkpoint. Note [Resume] says what a checkpoint holds and how a run
-continues from it.
+diverged step never reaches a checkpoint. Gradients are zeroed in place, not freed: a large fused
+embedding table keeps one persistent dense gradient buffer instead of allocating (and page-faulting) a
+fresh one every step (DESIGN.md, Generated code); the optimizer is fused where the device supports it.
+Note [Resume] says what a checkpoint holds and how a run continues from it.
 
 Hooks for the parts built elsewhere: loss weighting is `mtldsl.runtime.weighting.make(name, tasks,
 weights, shared)` over the loss terms, with `shared_parameters` from the block graph;
@@ -486,19 +488,18 @@ def _check_columns(cls: type, dataset: Any, source: str) -> None:
         raise DataError(f"{source}: the model reads column(s) {cols}, which the dataset does not have")
 
 
-def _check_vocab(cls: type, dataset: Any, vocab: Mapping[str, int]) -> None:
-    """Ids beyond the trained vocabulary would read another field's rows: refuse them by file, column and row."""
+def _check_vocab(cls: type, dataset: Any, split: str, vocab: Mapping[str, int]) -> None:
+    """Ids beyond the trained vocabulary would read another field's rows: refuse them by column and row."""
     from .data import DataError
 
-    schema = dataset.schema
-    for name in ("train", "val", "test"):
-        split = dataset.split(name)
-        for f in cls.SPARSE_FIELDS:
-            col = split.sparse[:, schema.sparse.index(f)]
-            if len(col) and int(col.max()) >= vocab[f]:
-                i = int(torch.nonzero(col >= vocab[f])[0, 0])
-                raise DataError(f"{dataset.source} ({name} split): column '{f}', row {i + 1}: id {int(col[i])} is "
-                                f"outside the model's vocabulary (size {vocab[f]}, from the data it was trained on)")
+    schema, data = dataset.schema, dataset.split(split)
+    for f in cls.SPARSE_FIELDS:
+        col = data.sparse[:, schema.sparse.index(f)]
+        over = col >= vocab[f]
+        if bool(over.any()):
+            i = int(torch.nonzero(over)[0, 0])
+            raise DataError(f"{dataset.source}: {split} split, column '{f}', row {i + 1}: id {int(col[i])} is outside "
+                            f"the model's vocabulary (size {vocab[f]}, from the data it was trained on)")
 
 
 def check_spec(text: str, path: str, *, data: str | None, data_dir: str | None) -> tuple[Checked, str, Any]:
@@ -931,7 +932,7 @@ def train(
     `resume=True` continues the run in `out` (Note [Resume]).
     """
     text, path = _spec_input(spec)
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # fails early on a bad --device; a resumed run re-resolves its config's
     ckpt: dict[str, Any] | None = None
     if resume:
         if out is None:
@@ -951,6 +952,7 @@ def train(
             "patience": patience, "device": device if device != "auto" else None,
             "checkpoint_every": checkpoint_every if checkpoint_every != CHECKPOINT_EVERY else None,
         }, run_dir)
+        dev = resolve_device(cfg.device)
         source = (run_dir / runs.MODEL_SOURCE).read_text(encoding="utf-8")
         prepared = prepare(text, path, data=cfg.data, data_dir=cfg.data_dir, rows=cfg.rows, data_seed=cfg.data_seed,
                            device=dev, source=source)
@@ -1062,7 +1064,6 @@ def load_run(run_dir: str | Path, *, data: str | None = None, data_dir: str | No
     prepared = prepare(text, str(run_dir / runs.SPEC), data=data, data_dir=data_dir, rows=rows,
                        data_seed=cfg.data_seed, device=dev, source=source)
     vocab = {str(k): int(v) for k, v in ckpt["vocab_sizes"].items()}
-    _check_vocab(prepared.cls, prepared.dataset, vocab)
     model = prepared.cls(vocab, sparse_grad=False)
     model.load_state_dict(ckpt["model"])
     model.to(dev).eval()
@@ -1075,6 +1076,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, *, data_dir: str | No
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split '{split}' (train, val, test)")
     run = load_run(run_dir, data=data, data_dir=data_dir, rows=rows, device=device)
+    _check_vocab(run.prepared.cls, run.prepared.dataset, split, run.checkpoint["vocab_sizes"])
     metrics = _evaluate(run.model, run.prepared.splits[split], run.prepared.objective,
                         batch_size or run.config.batch_size, run.device)
     return EvalResult(metrics, format_table(metrics), run.prepared.dataset.source, split)
@@ -1094,6 +1096,7 @@ def predict(run_dir: str | Path, out_file: str | Path, data: str | None = None, 
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split '{split}' (train, val, test)")
     run = load_run(run_dir, data=data, data_dir=data_dir, rows=rows, device=device)
+    _check_vocab(run.prepared.cls, run.prepared.dataset, split, run.checkpoint["vocab_sizes"])
     cut = run.prepared.splits[split]
     raw = run.prepared.dataset.split(split)
     preds: dict[str, list[Tensor]] = {name: [] for name in run.prepared.cls.OUTPUTS}
