@@ -377,3 +377,24 @@ def test_runs_atomic_write_keeps_old_content_on_failure(tmp_path: Path) -> None:
             raise RuntimeError("killed")
     assert target.read_bytes() == b"old" and not list(tmp_path.glob(".*.tmp"))
     assert runs.new_run_dir("mmoe", "/data/ali-ccp/", tmp_path, now=0).name.startswith("mmoe-ali-ccp-")
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = trainer._evaluate
+    planted = iter([0.60, 0.70, 0.65, 0.64, 0.90])  # val cvr.auc per epoch; epoch 5 never comes (patience 2)
+
+    def fake(model, split, objective, batch_size, device):  # type: ignore[no-untyped-def]
+        metrics = original(model, split, objective, batch_size, device)
+        if len(split) == 100:  # the val split of 1000 rows (test is the final evaluation)
+            metrics["cvr"]["auc"] = next(planted)
+        return metrics
+
+    monkeypatch.setattr(trainer, "_evaluate", fake)
+    result = _quick(ROOT / "specs" / "shared_bottom.mtl", tmp_path, rows=1000, epochs=6, patience=2)
+    assert result.best_epoch == 2 and result.metrics["best_value"] == pytest.approx(0.70)
+    assert result.metrics["train"]["epochs"] == 4 and result.metrics["train"]["stopped_early"]
+    best = torch.load(result.run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    last = torch.load(result.run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 2 and last["epoch"] == 4
+    assert all(torch.equal(best["model"][k], v) for k, v in result.model.state_dict().items())
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]

@@ -169,8 +169,11 @@ def _cell(value: Any) -> str:
 
 
 def write_curve(path: str | Path, history: Sequence[Mapping[str, Any]], loss_keys: Sequence[str], monitor: str,
-                *, log: Callable[[str], None] | None = None) -> bool:
-    """curve.png: per-epoch train losses (left) and the validation monitor (right). False if matplotlib is absent."""
+                *, best_epoch: int | None = None, log: Callable[[str], None] | None = None) -> bool:
+    """curve.png: per-epoch train losses (left) and the validation monitor with the best epoch starred (right).
+
+    False (and nothing written) when matplotlib is absent.
+    """
     try:
         import matplotlib
 
@@ -190,7 +193,13 @@ def write_curve(path: str | Path, history: Sequence[Mapping[str, Any]], loss_key
     ax_loss.set_xlabel("epoch")
     if loss_keys:
         ax_loss.legend(fontsize="small")
-    ax_val.plot(epochs, [_num(r.get(f"val_{monitor}")) for r in history], marker="o", color="tab:green")
+    val = [_num(r.get(f"val_{monitor}")) for r in history]
+    ax_val.plot(epochs, val, marker="o", color="tab:green")
+    if best_epoch in epochs:
+        i = epochs.index(best_epoch)
+        ax_val.plot([best_epoch], [val[i]], marker="*", markersize=14, color="tab:red", linestyle="none",
+                    label=f"best (epoch {best_epoch})")
+        ax_val.legend(fontsize="small")
     ax_val.set_title(f"val {monitor}")
     ax_val.set_xlabel("epoch")
     for ax in (ax_loss, ax_val):

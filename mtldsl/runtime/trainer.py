@@ -252,9 +252,8 @@ class Objective:
             if o.where:
                 self.metrics.append(MetricTerm(f"{o.name}@{_product_key(o.where)}", o.name, o.kind, label,
                                                self._need(o.where)))
-        self.binary_columns = tuple(dict.fromkeys(
-            c for key, cols in self.columns.items() for c in cols
-            if key in self._binary_keys()))
+        binary = self._binary_keys()  # label columns that must hold 0/1 (checked by the loader, by file and row)
+        self.binary_columns = tuple(dict.fromkeys(c for key, cols in self.columns.items() if key in binary for c in cols))
 
     def _need(self, columns: Sequence[str]) -> str:
         key = _product_key(columns)
@@ -927,7 +926,8 @@ def train(
     """Train a spec; every argument left None takes the spec's `train {}` value (data: its `data` line).
 
     Writes the run folder (runs.py) at `out` or `runs_root/<model>-<data>-<time>`, prints the test
-    table to stdout and returns it with the metrics. Raises SpecError (diagnostics), DataError /
+    table to stdout and returns it with the metrics. metrics.json's `train.seconds` counts training
+    steps only (no evaluation); `samples_per_second` is training samples over those seconds. Raises SpecError (diagnostics), DataError /
     DatasetNotFound (bad or absent data), ConfigError (bad setting) or TrainingDiverged.
     `resume=True` continues the run in `out` (Note [Resume]).
     """
@@ -1028,7 +1028,7 @@ def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Pat
         runs.atomic_write_json(run_dir / runs.METRICS, metrics)
         runs.write_history(run_dir / runs.HISTORY, s.history)
         runs.write_curve(run_dir / runs.CURVE, s.history, trainer.objective.loss_keys, trainer.monitor.name,
-                         log=trainer.log if trainer.progress else None)
+                         best_epoch=s.best_epoch, log=trainer.log if trainer.progress else None)
     table = format_table(test)
     print(table, flush=True)
     trainer.model.eval()
