@@ -80,7 +80,8 @@ def train_cmd(
                      checkpoint_every=CHECKPOINT_EVERY if checkpoint_every is None else checkpoint_every)
 
     result = _run(go)
-    typer.echo(f"run folder: {result.run_dir}")
+    if result.is_main:  # under torchrun only rank 0 reports (it also printed the table)
+        typer.echo(f"run folder: {result.run_dir}")
 
 
 @app.command("evaluate")

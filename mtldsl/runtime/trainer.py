@@ -14,13 +14,14 @@ fresh one every step (DESIGN.md, Generated code); the optimizer is fused where t
 Note [Resume] says what a checkpoint holds and how a run continues from it.
 
 Hooks for the parts built elsewhere: loss weighting is `mtldsl.runtime.weighting.make(name, tasks,
-weights, shared)` over the loss terms, with `shared_parameters` from the block graph;
-`Trainer` is the loop a data-parallel launcher wraps (`is_main` gates every file write,
-`train_batches` is where a sampler shards); `load_run` gives an exporter the trained module.
+weights, shared)` over the loss terms, with `shared_parameters` from the block graph; data-parallel
+training under torchrun is Note [Distributed training] (runtime/distributed.py: process group, shards);
+`load_run` gives an exporter the trained module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import sys
@@ -287,9 +288,20 @@ class Objective:
             out[key] = y.contiguous()
         return out
 
-    def losses(self, outputs: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """One scalar per loss term, in float32 (call outside autocast)."""
+    def losses(self, outputs: Mapping[str, Tensor], y: Mapping[str, Tensor], dist: Any = None) -> dict[str, Tensor]:
+        """One scalar per loss term, in float32 (call outside autocast).
+
+        Under DDP (`dist`: a distributed.Context) a masked term is W * (this shard's masked sum) / (the
+        global batch's mask count), so DDP's gradient average is the global batch's masked mean
+        (Note [Global batch] in distributed.py); unmasked terms are plain shard means.
+        """
         res: dict[str, Tensor] = {}
+        counts: dict[str, Tensor] = {}
+        if dist is not None:
+            wheres = list(dict.fromkeys(t.where for t in self.terms if t.where))
+            if wheres:  # one all_reduce of every mask's row count
+                total = dist.sum_(torch.stack([y[w].sum() for w in wheres]).float())
+                counts = {w: total[i].clamp_min(1.0) / dist.world_size for i, w in enumerate(wheres)}
         for t in self.terms:
             p = outputs[t.output].float()
             target = y[t.label]
@@ -303,7 +315,7 @@ class Objective:
                 res[t.key] = per.mean()
             else:
                 m = y[t.where]
-                res[t.key] = (per * m).sum() / m.sum().clamp_min(1.0)
+                res[t.key] = (per * m).sum() / (counts[t.where] if counts else m.sum().clamp_min(1.0))
         for c in self.calibrations:
             gap = torch.relu(outputs[c.target].float() - outputs[c.source].float()).mean()
             res[c.into] = res[c.into] + c.weight * gap
@@ -613,6 +625,29 @@ def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
 # parameters as an uninterrupted run. Steps after the last save are lost and redone. A resumed run may
 # change only RESUMABLE settings (e.g. more --epochs); anything else must match the checkpoint.
 
+# Note [Distributed training]
+# `torchrun --nproc_per_node=N -m mtldsl train SPEC` runs `train()` in N processes; `_join_group` joins
+# the group (distributed.process_group: gloo on CPU, nccl on cuda:LOCAL_RANK) and leaves it when train()
+# returns or raises. Without torchrun's environment nothing below applies. Under it:
+# - every rank loads the same dataset and builds the same model (DDP also broadcasts rank 0's weights);
+#   `--batch-size` is per process, a step trains on a global batch of N x batch_size rows, each rank
+#   its own equal-size block of the same per-epoch permutation (Note [Global batch] in distributed.py):
+#   one DDP step is one single-process step on the global batch. Masked (`where`) losses divide by the
+#   global mask count, so that holds for them too.
+# - the training steps run through `Trainer.net`, DDP's wrapper of `Trainer.model`. DDP averages the
+#   gradients of the final backward (its hooks fire on `.backward()`, not on torch.autograd.grad); the
+#   gradient strategies' per-task gradients (torch.autograd.grad on the shared parameters) are averaged
+#   by weighting.py, and their correction sum_t (c_t - 1) g_t is added after DDP's average, so every
+#   gradient is averaged exactly once and all ranks apply the same update (UWL/GradNorm's own weights
+#   are averaged by weighting.py). Logged losses are averaged over ranks at each read-back, so a NaN on
+#   any rank stops every rank at the same step.
+# - rank 0 alone evaluates (val each epoch, test at the end) with the unwrapped module, on the whole
+#   split; the others wait for its metrics (broadcast), so early-stopping state is identical everywhere.
+# - rank 0 alone writes the run folder (it picks the name and broadcasts it), checkpoints (the unwrapped
+#   module's state dict: no `module.` prefix; loadable by a single process) and prints; every rank reads
+#   the checkpoint on --resume (the run folder must be visible to all ranks, as on one machine). A run
+#   stopped mid-epoch resumes only with the same number of processes (the batch position depends on it).
+
 
 def _save_bytes(state: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
@@ -658,8 +693,9 @@ class RunResult:
     metrics: dict[str, Any]  # the content of metrics.json
     history: list[dict[str, Any]]
     table: str  # the final per-task table (test split)
-    model: nn.Module  # the best checkpoint's weights, in eval mode
+    model: nn.Module  # the best checkpoint's weights, in eval mode (under DDP: on rank 0; final weights elsewhere)
     best_epoch: int | None
+    is_main: bool = True  # False on the non-zero ranks of a torchrun launch (they print nothing)
 
 
 @dataclass
@@ -690,19 +726,28 @@ class _State:
 class Trainer:
     """The loop over one prepared spec: steps, NaN checks, validation, early stopping, checkpoints.
 
-    DDP hook: a launcher wraps `self.model` and overrides `train_batches` to shard; only the process with
-    `is_main` writes files.
+    Data-parallel (Note [Distributed training]) when `dist` (a distributed.Context) is given: `self.model`
+    stays the plain module (checkpoints, evaluation), `self.net` is its DistributedDataParallel wrapper
+    that the training steps run through, `train_batches` yields this rank's shard, and only the process
+    with `is_main` writes files or prints.
     """
 
     def __init__(self, prepared: Prepared, cfg: TrainConfig, run_dir: Path, device: torch.device, *,
-                 progress: bool, log: Any = None) -> None:
+                 progress: bool, log: Any = None, dist: Any = None) -> None:
         self.p, self.cfg, self.run_dir, self.device = prepared, cfg, run_dir, device
-        self.progress = progress
+        self.dist = dist
+        self.world_size = dist.world_size if dist is not None else 1
+        self.rank = dist.rank if dist is not None else 0
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.is_main = True
         self.objective = prepared.objective
         self.vocab = _vocab(prepared.cls, prepared.dataset.schema)
         self.model = _instantiate(prepared.cls, self.vocab, cfg.seed, device)
+        self.net: nn.Module = self.model
+        if dist is not None:  # broadcasts rank 0's parameters and buffers: every rank starts equal
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         assert prepared.checked.graph is not None
         self.weighting = _make_weighting(cfg.weighting, self.objective,
                                          shared_parameters(self.model, prepared.checked.graph)).to(device)
@@ -736,6 +781,7 @@ class Trainer:
             "config": self.cfg.to_json(),
             "vocab_sizes": dict(self.vocab),
             "loss_keys": self.objective.loss_keys,
+            "world_size": self.world_size,
         }
 
     def save(self, *, best: bool) -> None:
@@ -747,6 +793,10 @@ class Trainer:
         runs.atomic_write_bytes(self.run_dir / runs.LAST, data)
 
     def restore(self, ckpt: Mapping[str, Any]) -> None:
+        saved_world = int(ckpt.get("world_size", 1))
+        if ckpt["batch_in_epoch"] and saved_world != self.world_size:
+            raise ConfigError(f"--resume: the run stopped mid-epoch with {saved_world} process(es); resume it with "
+                              f"{saved_world} (a different number of processes is fine from the end of an epoch)")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.weighting.load_state_dict(ckpt["weighting"])
@@ -763,8 +813,30 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
-        return self.p.splits["train"].batches(self.cfg.batch_size, shuffle=True,
-                                              generator=_epoch_generator(self.cfg.seed, epoch))
+        """This process's batches of `epoch`: all of them, or its shard of each global batch under DDP."""
+        generator = _epoch_generator(self.cfg.seed, epoch)
+        if self.dist is None:
+            return self.p.splits["train"].batches(self.cfg.batch_size, shuffle=True, generator=generator)
+        from .distributed import shard_batches
+
+        return shard_batches(self.p.splits["train"], self.cfg.batch_size, self.rank, self.world_size, generator)
+
+    def batches_per_epoch(self) -> int:
+        n = len(self.p.splits["train"])
+        if self.dist is None:
+            return math.ceil(n / self.cfg.batch_size)
+        from .distributed import batches_per_epoch
+
+        return batches_per_epoch(n, self.cfg.batch_size, self.world_size)
+
+    def rows_per_epoch(self) -> int:
+        """Training rows of one epoch over all processes (samples/s is the global throughput)."""
+        n = len(self.p.splits["train"])
+        if self.dist is None:
+            return n
+        from .distributed import rows_per_epoch
+
+        return rows_per_epoch(n, self.cfg.batch_size, self.world_size)
 
     def fit(self) -> None:
         s = self.state
@@ -779,8 +851,11 @@ class Trainer:
         """Read back the losses of the last steps (one sync): NaN check, epoch sums; the block's mean."""
         if not pending:
             return None
-        block = torch.stack(pending).double().cpu()  # (steps, losses)
+        block = torch.stack(pending)  # (steps, losses)
         pending.clear()
+        if self.dist is not None:  # the global batches' losses; a NaN on any rank stops every rank here
+            self.dist.mean_(block)
+        block = block.double().cpu()
         bad = ~torch.isfinite(block)
         if bool(bad.any()):
             i, j = (int(v) for v in torch.nonzero(bad)[0])
@@ -796,8 +871,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         s, cfg = self.state, self.cfg
-        split = self.p.splits["train"]
-        n_batches = math.ceil(len(split) / cfg.batch_size)
+        n_batches = self.batches_per_epoch()
         skip = s.batch_in_epoch  # > 0 only when resuming mid-epoch (Note [Resume])
         if skip == 0:
             s.loss_sums, s.loss_count, s.epoch_seconds = [0.0] * len(self.objective.loss_keys), 0, 0.0
@@ -806,7 +880,8 @@ class Trainer:
             next(batches)
         bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    file=sys.stderr, dynamic_ncols=True, disable=not self.progress or not sys.stderr.isatty())
-        model, objective, optimizer, weighting = self.model, self.objective, self.optimizer, self.weighting
+        model, objective, optimizer, weighting = self.net, self.objective, self.optimizer, self.weighting
+        dist = self.dist
         keys = objective.loss_keys
         pending: list[Tensor] = []
         first_step, first_batch = s.step + 1, s.batch_in_epoch + 1
@@ -816,7 +891,7 @@ class Trainer:
             for batch in batches:
                 with _autocast(self.device):
                     out = model({"sparse": batch["sparse"], "dense": batch["dense"]})
-                losses = objective.losses(out, batch["labels"])
+                losses = objective.losses(out, batch["labels"], dist)
                 optimizer.zero_grad(set_to_none=False)  # reuse gradient buffers (DESIGN.md: no fresh page faults)
                 self.last_weights = weighting.backward(losses)
                 optimizer.step()
@@ -839,12 +914,22 @@ class Trainer:
         finally:
             bar.close()
         s.epoch_seconds += time.perf_counter() - t0
-        self.end_epoch(epoch, len(split))
+        self.end_epoch(epoch, self.rows_per_epoch())
+
+    def main_evaluate(self, split: str) -> dict[str, dict[str, float]]:
+        """Metrics of `self.model` on a whole split: computed by the main process, the same dict on every rank."""
+        val = None
+        if self.is_main:
+            val = _evaluate(self.model, self.p.splits[split], self.objective, self.cfg.batch_size, self.device)
+        if self.dist is not None:  # the other ranks wait here while rank 0 evaluates
+            val = self.dist.broadcast(val)
+        assert val is not None
+        return val
 
     def end_epoch(self, epoch: int, n_samples: int) -> None:
         s, cfg = self.state, self.cfg
         t_eval = time.perf_counter()
-        val = _evaluate(self.model, self.p.splits["val"], self.objective, cfg.batch_size, self.device)
+        val = self.main_evaluate("val")  # every rank sees rank 0's metrics: identical early-stopping decisions
         eval_seconds = time.perf_counter() - t_eval
         value = self.monitor.value(val)
         improved = self.monitor.better(value, s.best_value) or s.best_epoch is None
@@ -931,6 +1016,29 @@ def train(
     DatasetNotFound (bad or absent data), ConfigError (bad setting) or TrainingDiverged.
     `resume=True` continues the run in `out` (Note [Resume]).
     """
+    with contextlib.ExitStack() as stack:  # leaves the torchrun process group at the end, on error too
+        return _train(stack, spec, data=data, data_dir=data_dir, rows=rows, epochs=epochs, batch_size=batch_size,
+                      lr=lr, weighting=weighting, optimizer=optimizer, device=device, seed=seed, out=out,
+                      resume=resume, monitor=monitor, patience=patience, progress=progress,
+                      checkpoint_every=checkpoint_every, runs_root=runs_root)
+
+
+def _join_group(stack: contextlib.ExitStack, dev: torch.device) -> tuple[Any, torch.device]:
+    """Join torchrun's process group when launched by it (distributed.process_group): (context or None, device)."""
+    from . import distributed
+
+    try:
+        ctx = stack.enter_context(distributed.process_group(dev))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return ctx, (ctx.device if ctx is not None else dev)
+
+
+def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str | None, data_dir: str | None,
+           rows: int | None, epochs: int | None, batch_size: int | None, lr: float | None, weighting: str | None,
+           optimizer: str | None, device: str, seed: int | None, out: str | Path | None, resume: bool,
+           monitor: str | None, patience: int | None, progress: bool, checkpoint_every: int,
+           runs_root: str | Path) -> RunResult:
     text, path = _spec_input(spec)
     dev = resolve_device(device)  # fails early on a bad --device; a resumed run re-resolves its config's
     ckpt: dict[str, Any] | None = None
@@ -952,12 +1060,14 @@ def train(
             "patience": patience, "device": device if device != "auto" else None,
             "checkpoint_every": checkpoint_every if checkpoint_every != CHECKPOINT_EVERY else None,
         }, run_dir)
-        dev = resolve_device(cfg.device)
+        dist, dev = _join_group(stack, resolve_device(cfg.device))
         source = (run_dir / runs.MODEL_SOURCE).read_text(encoding="utf-8")
         prepared = prepare(text, path, data=cfg.data, data_dir=cfg.data_dir, rows=cfg.rows, data_seed=cfg.data_seed,
                            device=dev, source=source)
-        runs.clean_stale_tmp(run_dir)
+        if dist is None or dist.is_main:
+            runs.clean_stale_tmp(run_dir)
     else:
+        dist, dev = _join_group(stack, dev)
         spec_checked = check_spec(text, path, data=data, data_dir=data_dir)
         model_ir = spec_checked[0].model
         assert model_ir is not None
@@ -971,24 +1081,27 @@ def train(
         prepared = prepare(text, path, data=data_source, data_dir=data_dir, rows=rows, data_seed=0, device=dev,
                            checked=spec_checked)
         _monitor(cfg.monitor, prepared.objective, prepared.dataset.train.groups is not None)
-        if out is None:
-            run_dir = runs.new_run_dir(model_ir.name, data_source, runs_root)
-        else:
-            run_dir = Path(out)
-            run_dir.mkdir(parents=True, exist_ok=True)
-        runs.atomic_write_text(run_dir / runs.SPEC, text)
-        runs.atomic_write_text(run_dir / runs.MODEL_SOURCE, prepared.source)
+        if dist is None or dist.is_main:  # only the main process writes (Note [Distributed training])
+            if out is None:
+                run_dir = runs.new_run_dir(model_ir.name, data_source, runs_root)
+            else:
+                run_dir = Path(out)
+                run_dir.mkdir(parents=True, exist_ok=True)
+            runs.atomic_write_text(run_dir / runs.SPEC, text)
+            runs.atomic_write_text(run_dir / runs.MODEL_SOURCE, prepared.source)
+        if dist is not None:  # one run folder: the name rank 0 chose (its time stamp)
+            run_dir = Path(dist.broadcast(str(run_dir) if dist.is_main else None))
 
-    trainer = Trainer(prepared, cfg, run_dir, dev, progress=progress)
+    trainer = Trainer(prepared, cfg, run_dir, dev, progress=progress, dist=dist)
     if ckpt is not None:
         trainer.restore(ckpt)
         if trainer.state.stopped and trainer.state.bad_epochs < cfg.patience:
             trainer.state.stopped = False  # a larger --patience lets a stopped run go on
-        if progress:
+        if trainer.progress:
             where = (f"epoch {trainer.state.epoch + 1}, batch {trainer.state.batch_in_epoch + 1}"
                      if trainer.state.epoch < cfg.epochs else "the end of training")
             trainer.log(f"resuming {run_dir} at step {trainer.state.step} ({where})")
-    elif progress:
+    elif trainer.progress:
         for note in prepared.dataset.notes:
             trainer.log(note)
     trainer.fit()
@@ -998,9 +1111,10 @@ def train(
 def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Path) -> RunResult:
     """Load the best checkpoint, evaluate it on test, write metrics.json, history.csv and curve.png."""
     s = trainer.state
-    best = _load_checkpoint(run_dir / runs.CHECKPOINT)
-    trainer.model.load_state_dict(best["model"])
-    test = _evaluate(trainer.model, prepared.splits["test"], trainer.objective, cfg.batch_size, trainer.device)
+    if trainer.is_main:  # under DDP the other ranks keep their final weights (the run folder may be rank 0's only)
+        best = _load_checkpoint(run_dir / runs.CHECKPOINT)
+        trainer.model.load_state_dict(best["model"])
+    test = trainer.main_evaluate("test")
     best_row = next((r for r in s.history if r["epoch"] == s.best_epoch), {})
     model_ir = prepared.checked.model
     assert model_ir is not None
@@ -1030,9 +1144,10 @@ def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Pat
         runs.write_curve(run_dir / runs.CURVE, s.history, trainer.objective.loss_keys, trainer.monitor.name,
                          best_epoch=s.best_epoch, log=trainer.log if trainer.progress else None)
     table = format_table(test)
-    print(table, flush=True)
+    if trainer.is_main:
+        print(table, flush=True)
     trainer.model.eval()
-    return RunResult(run_dir, metrics, list(s.history), table, trainer.model, s.best_epoch)
+    return RunResult(run_dir, metrics, list(s.history), table, trainer.model, s.best_epoch, trainer.is_main)
 
 
 @dataclass

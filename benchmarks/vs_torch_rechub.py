@@ -1,0 +1,252 @@
+"""mtldsl vs torch-rechub: training and prediction throughput, peak memory and test AUC.
+
+Both sides train the same architecture (parameter counts asserted equal) on the same synthetic
+Ali-CCP-shaped rows with the same batch size, each through its own trainer: mtldsl's generic
+trainer (`mtldsl.runtime.trainer.train`) and torch-rechub's `MTLTrainer.train_one_epoch` over its
+`DataGenerator` loaders. Each (side, seed) runs in a fresh process, alternating sides, so peak
+RSS is per side. torch-rechub is a benchmark-only dependency (`pip install torch-rechub==0.9.0`).
+
+    python benchmarks/vs_torch_rechub.py --model mmoe --rows 200000 --seeds 3
+    python benchmarks/vs_torch_rechub.py --model all --rows 200000 --seeds 1
+
+Printed per model: samples/s (train, predict) for both, the ratios, peak RSS, test AUC per task
+(mean and spread over seeds), and training speed as a share of the model's FLOP bound on this
+machine (dense FLOPs per training sample = 6 x multiply-adds of every dense weight, against a
+GEMM rate measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("shared_bottom", "esmm", "mmoe", "ple", "aitm")
+
+# PLE as the issue's table measures it: one level, 2 specific experts per task + 1 shared expert.
+PLE_1_LEVEL = """
+model ple_bench "PLE, 1 level, 2 specific + 1 shared experts"
+data synthetic
+task ctr binary label click
+task cvr binary label purchase
+embedding emb shared { dim 16  fields all  dense all }
+experts specific per task { count 2  input emb  mlp [256, 128]  batch_norm true }
+experts shared_experts shared { count 1  input emb  mlp [256, 128]  batch_norm true }
+gate g per task { input emb  mix specific[own]  mix shared_experts  batch_norm true }
+tower per task { input g  mlp [8]  batch_norm true }
+loss ctr
+loss cvr
+"""
+
+
+def spec_path(model: str, tmp: Path) -> Path:
+    if model == "ple":
+        path = tmp / "ple_bench.mtl"
+        path.write_text(PLE_1_LEVEL)
+        return path
+    return ROOT / "specs" / f"{model}.mtl"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gemm_gflops() -> float:
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 512)
+    for _ in range(3):
+        a @ b
+    n, t = 20, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    return 2 * 1024 * 1024 * 512 * n / (time.perf_counter() - t) / 1e9
+
+
+def dense_macs(model) -> int:
+    """Multiply-adds per sample of every dense weight (2-D Linear, 3-D stacked expert weights)."""
+    import torch
+
+    total = 0
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and not isinstance(dict(model.named_modules()).get(name.rsplit(".", 1)[0]), torch.nn.Embedding):
+            total += p.numel()
+    return total
+
+
+# ---- one side, one seed (runs in its own process) ----------------------------------------------
+
+
+def run_ours(model: str, rows: int, batch: int, seed: int, threads: int, epochs: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from mtldsl.runtime.data import load_dataset
+    from mtldsl.runtime.trainer import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = spec_path(model, Path(tmp))
+        result = train(spec, data="synthetic", rows=rows, epochs=epochs, batch_size=batch, seed=seed,
+                       out=str(Path(tmp) / "run"), progress=False, patience=epochs + 1)
+        metrics = result.metrics
+        net = result.model.cpu()
+        ds = load_dataset("synthetic", rows=rows, seed=0)
+        cols = [ds.schema.sparse.index(f) for f in net.SPARSE_FIELDS]
+        dcols = [ds.schema.dense.index(f) for f in net.DENSE_FIELDS]
+        sparse, dense = ds.test.sparse[:, cols].contiguous(), ds.test.dense[:, dcols].contiguous()
+        net.eval()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(sparse), batch):
+                net({"sparse": sparse[i:i + batch], "dense": dense[i:i + batch]})
+        predict = len(sparse) / (time.perf_counter() - t)
+        tasks = metrics["tasks"]
+        return {
+            "params": metrics["params"],
+            "train_sps": metrics["train"]["samples_per_second"],
+            "predict_sps": predict,
+            "auc": {k: tasks[k]["auc"] for k in ("ctr", "cvr") if k in tasks},
+            "macs": dense_macs(net),
+            "rss_mib": peak_rss_mib(),
+        }
+
+
+def run_rechub(model: str, rows: int, batch: int, seed: int, threads: int, epochs: int) -> dict:
+    import numpy as np
+    import torch
+    from torch_rechub.basic.features import DenseFeature, SparseFeature
+    from torch_rechub.models.multi_task import AITM, ESMM, MMOE, PLE, SharedBottom
+    from torch_rechub.trainers import MTLTrainer
+    from torch.utils.data import DataLoader
+    from torch_rechub.utils.data import DataGenerator, PredictDataset
+
+    from mtldsl.runtime.data import load_dataset
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    ds = load_dataset("synthetic", rows=rows, seed=0)
+    schema = ds.schema
+    vocab = dict(schema.vocab_sizes)
+    sparse = [SparseFeature(f, vocab_size=vocab[f], embed_dim=16) for f in schema.sparse]
+    dense = [DenseFeature(f) for f in schema.dense]
+    tasks = ["classification", "classification"]
+    tower = {"dims": [8]}
+    if model == "shared_bottom":
+        net = SharedBottom(sparse + dense, tasks, bottom_params={"dims": [117]}, tower_params_list=[tower, tower])
+    elif model == "mmoe":
+        net = MMOE(sparse + dense, tasks, n_expert=8, expert_params={"dims": [256, 128]}, tower_params_list=[tower, tower])
+    elif model == "ple":
+        net = PLE(sparse + dense, tasks, n_level=1, n_expert_specific=2, n_expert_shared=1,
+                  expert_params={"dims": [256, 128]}, tower_params_list=[tower, tower])
+    elif model == "esmm":
+        user = set(schema.groups["user"])
+        net = ESMM([f for f in sparse if f.name in user], [f for f in sparse if f.name not in user],
+                   cvr_params={"dims": [16, 8]}, ctr_params={"dims": [16, 8]})
+    elif model == "aitm":
+        net = AITM(sparse + dense, n_task=2, bottom_params={"dims": [32, 16]}, tower_params_list=[tower, tower])
+    else:
+        raise SystemExit(f"unknown model {model}")
+
+    def frame(split):
+        x = {f: split.sparse[:, i].numpy() for i, f in enumerate(schema.sparse)}
+        x.update({f: split.dense[:, i].numpy() for i, f in enumerate(schema.dense)})
+        click, buy = split.labels["click"].numpy(), split.labels["purchase"].numpy()
+        y = np.stack([buy, click, click * buy], 1) if model == "esmm" else np.stack([click, buy], 1)
+        return x, y
+
+    (xtr, ytr), (xva, yva), (xte, yte) = frame(ds.train), frame(ds.val), frame(ds.test)
+    train_dl, _, test_dl = DataGenerator(xtr, ytr).generate_dataloader(
+        x_val=xva, y_val=yva, x_test=xte, y_test=yte, batch_size=batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = MTLTrainer(net, tasks + (["classification"] if model == "esmm" else []),
+                             optimizer_params={"lr": 1e-3, "weight_decay": 0.0}, n_epoch=epochs,
+                             earlystop_patience=epochs + 1, device="cpu", model_path=tmp)
+        t = time.perf_counter()
+        for _ in range(epochs):
+            trainer.train_one_epoch(train_dl)
+        train_sps = epochs * len(ytr) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        trainer.predict(net, DataLoader(PredictDataset(xte), batch_size=batch))
+        predict_sps = len(yte) / (time.perf_counter() - t)
+        scores = trainer.evaluate(net, test_dl)
+    auc = {"cvr": scores[0], "ctr": scores[1]} if model == "esmm" else {"ctr": scores[0], "cvr": scores[1]}
+    return {"params": sum(p.numel() for p in net.parameters()), "train_sps": train_sps, "predict_sps": predict_sps,
+            "auc": auc, "rss_mib": peak_rss_mib()}
+
+
+# ---- driver -------------------------------------------------------------------------------------
+
+
+def one(side: str, model: str, args: argparse.Namespace, seed: int) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--model", model, "--rows", str(args.rows),
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--epochs", str(args.epochs),
+           "--seed", str(seed)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f}±{statistics.stdev(values):.4f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mmoe", help=f"one of {', '.join(MODELS)} or 'all'")
+    ap.add_argument("--rows", type=int, default=200_000, help="synthetic rows (80%% train)")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--side", choices=("ours", "rechub"), help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        fn = run_ours if args.side == "ours" else run_rechub
+        print(json.dumps(fn(args.model, args.rows, args.batch_size, args.seed, args.threads, args.epochs)))
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    gflops = gemm_gflops()
+    models = MODELS if args.model == "all" else (args.model,)
+    print(f"rows {args.rows} (train {int(args.rows * 0.8)}), batch {args.batch_size}, {args.epochs} epoch(s), "
+          f"{args.threads} threads, {args.seeds} seed(s); fp32 GEMM {gflops:.0f} GFLOP/s")
+    header = (f"{'model':<14}{'params':>10}{'train/s ours':>14}{'rechub':>9}{'ratio':>7}{'predict/s ours':>16}"
+              f"{'rechub':>9}{'ratio':>7}{'RSS MiB ours':>14}{'rechub':>8}{'FLOP bound':>12}"
+              f"{'ctr AUC ours':>15}{'rechub':>15}{'cvr AUC ours':>15}{'rechub':>15}")
+    print(header)
+    for model in models:
+        runs: dict[str, list[dict]] = {"ours": [], "rechub": []}
+        for seed in range(args.seeds):
+            order = ("ours", "rechub") if seed % 2 == 0 else ("rechub", "ours")
+            for side in order:
+                runs[side].append(one(side, model, args, seed))
+        ours, theirs = runs["ours"], runs["rechub"]
+        assert ours[0]["params"] == theirs[0]["params"], f"{model}: params {ours[0]['params']} vs {theirs[0]['params']}"
+        med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+        bound = gflops * 1e9 / (6 * ours[0]["macs"])
+        print(f"{model:<14}{ours[0]['params']:>10}{med(ours, 'train_sps'):>14.0f}{med(theirs, 'train_sps'):>9.0f}"
+              f"{med(ours, 'train_sps') / med(theirs, 'train_sps'):>7.2f}{med(ours, 'predict_sps'):>16.0f}"
+              f"{med(theirs, 'predict_sps'):>9.0f}{med(ours, 'predict_sps') / med(theirs, 'predict_sps'):>7.2f}"
+              f"{med(ours, 'rss_mib'):>14.0f}{med(theirs, 'rss_mib'):>8.0f}"
+              f"{100 * med(ours, 'train_sps') / bound:>11.0f}%"
+              f"{spread([r['auc']['ctr'] for r in ours]):>15}{spread([r['auc']['ctr'] for r in theirs]):>15}"
+              f"{spread([r['auc']['cvr'] for r in ours]):>15}{spread([r['auc']['cvr'] for r in theirs]):>15}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
