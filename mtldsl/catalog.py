@@ -251,7 +251,7 @@ KNOWN_DATASETS: dict[str, DatasetInfo] = {
         file_prefix="census_income",
         folder_names=("census_income", "census-income"),
         source="UCI KDD census-income (https://archive.ics.uci.edu/dataset/117/census+income+kdd)",
-        prepare="mtldsl data prepare census_income --raw DIR",
+        prepare=None,  # published preprocessed in the layout below; no raw converter
     ),
     "aliexpress": DatasetInfo(
         name="aliexpress",
@@ -267,7 +267,7 @@ KNOWN_DATASETS: dict[str, DatasetInfo] = {
         file_prefix="aliexpress",
         folder_names=("aliexpress",),
         source=f"Tianchi dataset 74690 ({_TIANCHI}74690)",
-        prepare="mtldsl data prepare aliexpress --raw DIR",
+        prepare=None,  # the Tianchi CSVs are already in the layout below
         has_val=False,
         note="no validation split: 10% of train is held out as val",
     ),

@@ -22,6 +22,7 @@ training under torchrun is Note [Distributed training] (runtime/distributed.py: 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import sys
@@ -881,7 +882,7 @@ class Trainer:
         bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    file=sys.stderr, dynamic_ncols=True, disable=not self.progress or not sys.stderr.isatty())
         model, objective, optimizer, weighting = self.net, self.objective, self.optimizer, self.weighting
-        dist = self.dist
+        losses_of = objective.losses if self.dist is None else functools.partial(objective.losses, dist=self.dist)
         keys = objective.loss_keys
         pending: list[Tensor] = []
         first_step, first_batch = s.step + 1, s.batch_in_epoch + 1
@@ -891,7 +892,7 @@ class Trainer:
             for batch in batches:
                 with _autocast(self.device):
                     out = model({"sparse": batch["sparse"], "dense": batch["dense"]})
-                losses = objective.losses(out, batch["labels"], dist)
+                losses = losses_of(out, batch["labels"])
                 optimizer.zero_grad(set_to_none=False)  # reuse gradient buffers (DESIGN.md: no fresh page faults)
                 self.last_weights = weighting.backward(losses)
                 optimizer.step()
@@ -1129,6 +1130,7 @@ def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Pat
             "samples_per_second": round(s.samples / s.train_seconds, 1) if s.train_seconds > 0 else None,
             "steps": s.step,
             "stopped_early": s.stopped,
+            "processes": trainer.world_size,  # data-parallel processes (torchrun); samples/s is over all of them
         },
         "best_epoch": s.best_epoch,
         "monitor": cfg.monitor,
