@@ -427,6 +427,16 @@ def lower(spec: s.Spec, src: SourceFile | None = None, schema: Schema | None = N
     experts: list[ExpertGroup] = []
     gates: list[Gate] = []
 
+    def block_input(props: dict[str, s.Prop], owner: str | None, level: int, level_gates: Sequence[s.GateDecl],
+                    span: Span, what: str, hint: str) -> Input:
+        """Level k > 1 is wired by owner; level 1 and blocks outside `levels` read their written input."""
+        if level > 1:
+            return low.level_input(owner, level, level_gates, span)
+        if "input" in props:
+            return low.input(props["input"].value, owner, level)  # type: ignore[arg-type]
+        low.err(f"{what} has no input", span, hint)
+        return Input(op=Combine.sum, refs=(), span=span)
+
     def lower_experts(e: s.ExpertsDecl, level: int, level_gates: Sequence[s.GateDecl]) -> None:
         what = f"experts '{e.name}'"
         props = low.props(e.props, ("count", "input", "mlp", "activation", "dropout", "batch_norm"), what)
@@ -437,13 +447,7 @@ def lower(spec: s.Spec, src: SourceFile | None = None, schema: Schema | None = N
             low.err(f"{what} has no `mlp [...]` layers", e.span, "experts need at least one layer, e.g. `mlp [64]`")
         mlp = low.mlp(props, what)
         for owner in low.owners(e.owner):
-            if level > 1:
-                inp = low.level_input(owner, level, level_gates, e.span)
-            elif "input" in props:
-                inp = low.input(props["input"].value, owner, level)  # type: ignore[arg-type]
-            else:
-                low.err(f"{what} has no input", e.span, "add `input <embedding>`")
-                inp = Input(op=Combine.sum, refs=(), span=e.span)
+            inp = block_input(props, owner, level, level_gates, e.span, what, "add `input <embedding>`")
             experts.append(ExpertGroup(
                 name=low.instance(e.name, low.decls[e.name], owner, level), owner=owner, count=max(count, 1),
                 input=inp, mlp=mlp, level=level, span=e.span))
@@ -453,13 +457,8 @@ def lower(spec: s.Spec, src: SourceFile | None = None, schema: Schema | None = N
         props = low.props(g.props, ("input", "mlp", "activation", "dropout", "batch_norm"), what)
         mlp = low.mlp(props, what)
         for owner in low.owners(g.owner):
-            if level > 1:
-                inp = low.level_input(owner, level, level_gates, g.span)
-            elif "input" in props:
-                inp = low.input(props["input"].value, owner, level)  # type: ignore[arg-type]
-            else:
-                low.err(f"{what} has no input", g.span, "add `input <embedding>` (what the gate's softmax reads)")
-                inp = Input(op=Combine.sum, refs=(), span=g.span)
+            inp = block_input(props, owner, level, level_gates, g.span, what,
+                              "add `input <embedding>` (what the gate's softmax reads)")
             routes: list[Route] = []
             for r in g.routes:
                 routes.extend(lower_route(r, owner, level))
