@@ -104,11 +104,14 @@ def test_esmm_reports_cvr_on_clicked_rows(tmp_path: Path) -> None:
     assert "gauc" in tasks["ctr"]  # synthetic data has a user id
 
 
+SHIPPED = sorted((ROOT / "specs").glob("*.mtl"))
+
+
 @pytest.mark.parametrize(
     ("folder", "spec"),
-    [("ali-ccp", ROOT / "specs" / "mmoe.mtl"), ("ali-ccp", ROOT / "specs" / "esmm.mtl"),
+    [*(("ali-ccp", p) for p in SHIPPED),  # every shipped spec reads Ali-CCP's layout as it is
      ("census-income", CENSUS_SPEC), ("aliexpress", ALIEXPRESS_SPEC)],
-    ids=["ali-ccp-mmoe", "ali-ccp-esmm", "census-income", "aliexpress"],
+    ids=[*(f"ali-ccp-{p.stem}" for p in SHIPPED), "census-income", "aliexpress"],
 )
 def test_shared_samples_train(folder: str, spec: Path | str, tmp_path: Path) -> None:
     data = SHARED / folder
