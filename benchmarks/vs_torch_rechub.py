@@ -65,10 +65,13 @@ def gemm_gflops() -> float:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 512)
     for _ in range(10):  # warm the thread pool and caches
         a @ b
-    n, t = 20, time.perf_counter()
-    for _ in range(n):
-        a @ b
-    return 2 * 1024 * 1024 * 512 * n / (time.perf_counter() - t) / 1e9
+    best, n = 0.0, 20
+    for _ in range(5):  # the best of 5 rounds: a busy moment must not shrink the bound
+        t = time.perf_counter()
+        for _ in range(n):
+            a @ b
+        best = max(best, 2 * 1024 * 1024 * 512 * n / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def dense_macs(model) -> int:
