@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 import networkx as nx
 
-from . import __version__
+from . import __version__, validate
 from .graph import input_width, node_id
 from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, TaskKind
 
@@ -42,7 +42,8 @@ def ident(name: str) -> str:
 
 
 def class_name(model_name: str) -> str:
-    return "".join(part.capitalize() for part in ident(model_name).split("_") if part) or "Model"
+    """The generated class: validate.class_name's spelling (one rule, so the collision check sees it) of a checked name."""
+    return validate.class_name(ident(model_name))
 
 
 def standalone_layers() -> str:

@@ -85,7 +85,7 @@ BINARY_METRICS = ("auc", "gauc", "logloss")
 
 
 def class_name(model_name: str) -> str:
-    """`me_mmoe` -> `MeMmoe`: the generated module's class (as codegen.class_name spells it)."""
+    """`me_mmoe` -> `MeMmoe`: the generated module's class (codegen.class_name uses this spelling)."""
     return "".join(part.capitalize() for part in model_name.split("_") if part) or "Model"
 
 
