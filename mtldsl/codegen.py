@@ -19,7 +19,7 @@ import jinja2
 import networkx as nx
 
 from . import __version__, validate
-from .graph import input_width, node_id
+from .graph import input_width, producer_id
 from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, TaskKind
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,9 +104,7 @@ class _Builder:
         self.stmts: list[Stmt] = []
 
     def width(self, name: str) -> int:
-        block = self.m.block(name)
-        kind = {EmbeddingTable: "emb", ExpertGroup: "experts", Gate: "gate"}[type(block)]
-        return int(self.g.nodes[node_id(kind, name)]["width"])
+        return int(self.g.nodes[producer_id(self.m, name)]["width"])
 
     def ref(self, name: str, reader_count: int | None = None) -> str:
         """How a reader sees block `name`: (B, d), except a copied table read by a matching group."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, Tower
+from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model
 
 KIND_ORDER = ("emb", "experts", "gate", "transfer", "tower", "output", "loss")
 
@@ -21,7 +21,8 @@ def node_id(kind: str, name: str) -> str:
     return f"{kind}:{name}"
 
 
-def _producer(model: Model, name: str) -> str | None:
+def producer_id(model: Model, name: str) -> str | None:
+    """The node id of the block an input may name (table, expert group or gate), or None."""
     block = model.block(name)
     if isinstance(block, EmbeddingTable):
         return node_id("emb", name)
@@ -36,7 +37,7 @@ def input_width(graph: nx.DiGraph, model: Model, inp: Input) -> int | None:
     """Width of an `input` expression, or None when a part is unknown or sum() widths disagree."""
     widths = []
     for ref in inp.refs:
-        nid = _producer(model, ref)
+        nid = producer_id(model, ref)
         if nid is None or graph.nodes[nid].get("width") is None:
             return None
         widths.append(graph.nodes[nid]["width"])
@@ -69,7 +70,7 @@ def build_graph(model: Model) -> nx.DiGraph:
 
     def connect_input(consumer: str, inp: Input) -> None:
         for ref in inp.refs:
-            src = _producer(model, ref)
+            src = producer_id(model, ref)
             if src is not None and src != consumer:
                 g.add_edge(src, consumer, forward=True, backward=True, dim=g.nodes[src].get("width"), role="input")
 
