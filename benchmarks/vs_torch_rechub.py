@@ -8,6 +8,12 @@ RSS is per side. torch-rechub is a benchmark-only dependency (`pip install torch
 
     python benchmarks/vs_torch_rechub.py --model mmoe --rows 200000 --seeds 3
     python benchmarks/vs_torch_rechub.py --model all --rows 200000 --seeds 1
+    python benchmarks/vs_torch_rechub.py --model shared_bottom --vocab-scale 1000
+
+--vocab-scale K spreads each field's ids over K times its synthetic vocabulary (a random one-to-one
+map, so the data carries the same information), as on real data whose tables hold millions of ids
+of which a batch touches a few thousand: K=1000 makes the shared table 1.53M rows (98 MiB). The data
+is then written once as a dataset folder (Parquet + schema.json) that both sides load.
 
 Printed per model: samples/s (train, predict) for both, the ratios, peak RSS, test AUC per task
 (mean and spread over seeds), and training speed as a share of the model's FLOP bound on this
@@ -88,21 +94,52 @@ def dense_macs(model) -> int:
 # ---- one side, one seed (runs in its own process) ----------------------------------------------
 
 
-def run_ours(model: str, rows: int, batch: int, seed: int, threads: int, epochs: int) -> dict:
+def load(data: str, rows: int):
+    """The benchmark's dataset: synthetic rows, or the folder the driver wrote (--vocab-scale)."""
+    from mtldsl.runtime.data import load_dataset
+
+    return load_dataset(data, rows=rows if data == "synthetic" else None, seed=0)
+
+
+def write_scaled(rows: int, scale: int, folder: Path) -> None:
+    """The synthetic rows with each field's ids mapped one-to-one into `scale` x its vocabulary (Parquet)."""
+    import dataclasses
+
+    import numpy as np
+    import pandas as pd
+
+    from mtldsl.catalog import schema_to_json
+
+    ds = load("synthetic", rows)
+    schema = ds.schema
+    rng = np.random.default_rng(12345)
+    vocab = {f: schema.vocab_sizes[f] * scale for f in schema.sparse}
+    maps = {f: rng.choice(vocab[f], size=schema.vocab_sizes[f], replace=False) for f in schema.sparse}
+    for name in ("train", "val", "test"):
+        split = ds.split(name)
+        cols = {c: split.labels[c].numpy() for c in schema.labels}
+        cols.update({f: maps[f][split.sparse[:, i].numpy()] for i, f in enumerate(schema.sparse)})
+        cols.update({f: split.dense[:, i].numpy() for i, f in enumerate(schema.dense)})
+        pd.DataFrame(cols).to_parquet(folder / f"{name}.parquet", index=False)
+    scaled = dataclasses.replace(schema, name="synthetic_scaled", vocab_sizes=vocab)
+    (folder / "schema.json").write_text(schema_to_json(scaled, with_vocab=True))
+
+
+def run_ours(model: str, data: str, rows: int, batch: int, seed: int, threads: int, epochs: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from mtldsl.runtime.data import load_dataset
     from mtldsl.runtime.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = spec_path(model, Path(tmp))
-        result = train(spec, data="synthetic", rows=rows, epochs=epochs, batch_size=batch, seed=seed,
-                       out=str(Path(tmp) / "run"), progress=False, patience=epochs + 1)
+        result = train(spec, data=data, rows=rows if data == "synthetic" else None, epochs=epochs,
+                       batch_size=batch, seed=seed, out=str(Path(tmp) / "run"), progress=False,
+                       patience=epochs + 1)
         metrics = result.metrics
         rss_train = peak_rss_mib()  # before the benchmark's own second data load below
         net = result.model.cpu()
-        ds = load_dataset("synthetic", rows=rows, seed=0)
+        ds = load(data, rows)
         cols = [ds.schema.sparse.index(f) for f in net.SPARSE_FIELDS]
         dcols = [ds.schema.dense.index(f) for f in net.DENSE_FIELDS]
         sparse, dense = ds.test.sparse[:, cols].contiguous(), ds.test.dense[:, dcols].contiguous()
@@ -120,10 +157,11 @@ def run_ours(model: str, rows: int, batch: int, seed: int, threads: int, epochs:
             "auc": {k: tasks[k]["auc"] for k in ("ctr", "cvr") if k in tasks},
             "macs": dense_macs(net),
             "rss_mib": rss_train,
+            "sparse": metrics["train"]["sparse_embeddings"],
         }
 
 
-def run_rechub(model: str, rows: int, batch: int, seed: int, threads: int, epochs: int) -> dict:
+def run_rechub(model: str, data: str, rows: int, batch: int, seed: int, threads: int, epochs: int) -> dict:
     import numpy as np
     import torch
     from torch_rechub.basic.features import DenseFeature, SparseFeature
@@ -132,12 +170,10 @@ def run_rechub(model: str, rows: int, batch: int, seed: int, threads: int, epoch
     from torch.utils.data import DataLoader
     from torch_rechub.utils.data import DataGenerator, PredictDataset
 
-    from mtldsl.runtime.data import load_dataset
-
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    ds = load_dataset("synthetic", rows=rows, seed=0)
+    ds = load(data, rows)
     schema = ds.schema
     vocab = dict(schema.vocab_sizes)
     sparse = [SparseFeature(f, vocab_size=vocab[f], embed_dim=16) for f in schema.sparse]
@@ -191,7 +227,7 @@ def run_rechub(model: str, rows: int, batch: int, seed: int, threads: int, epoch
 
 
 def one(side: str, model: str, args: argparse.Namespace, seed: int) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--model", model, "--rows", str(args.rows),
+    cmd = [sys.executable, __file__, "--side", side, "--model", model, "--data", args.data, "--rows", str(args.rows),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--epochs", str(args.epochs),
            "--seed", str(seed)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
@@ -207,30 +243,40 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mmoe", help=f"one of {', '.join(MODELS)} or 'all'")
+    ap.add_argument("--model", default="mmoe", help=f"one of {', '.join(MODELS)}, a comma-separated list, or 'all'")
     ap.add_argument("--rows", type=int, default=200_000, help="synthetic rows (80%% train)")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vocab-scale", type=int, default=1, help="spread each field's ids over K x its vocabulary")
+    ap.add_argument("--data", default="synthetic", help=argparse.SUPPRESS)
     ap.add_argument("--side", choices=("ours", "rechub"), help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         fn = run_ours if args.side == "ours" else run_rechub
-        print(json.dumps(fn(args.model, args.rows, args.batch_size, args.seed, args.threads, args.epochs)))
+        print(json.dumps(fn(args.model, args.data, args.rows, args.batch_size, args.seed, args.threads, args.epochs)))
         return
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.vocab_scale > 1:
+            write_scaled(args.rows, args.vocab_scale, Path(tmp))
+            args.data = tmp
+        drive(args)
+
+
+def drive(args: argparse.Namespace) -> None:
 
     import torch
 
     torch.set_num_threads(args.threads)
     gflops = gemm_gflops()
-    models = MODELS if args.model == "all" else (args.model,)
+    models = MODELS if args.model == "all" else tuple(args.model.split(","))
     print(f"rows {args.rows} (train {int(args.rows * 0.8)}), batch {args.batch_size}, {args.epochs} epoch(s), "
-          f"{args.threads} threads, {args.seeds} seed(s); fp32 GEMM {gflops:.0f} GFLOP/s")
+          f"{args.threads} threads, {args.seeds} seed(s), vocab x{args.vocab_scale}; fp32 GEMM {gflops:.0f} GFLOP/s")
     header = (f"{'model':<14}{'params':>10}{'train/s ours':>14}{'rechub':>9}{'ratio':>7}{'predict/s ours':>16}"
               f"{'rechub':>9}{'ratio':>7}{'RSS MiB ours':>14}{'rechub':>8}{'FLOP bound':>12}"
-              f"{'ctr AUC ours':>15}{'rechub':>15}{'cvr AUC ours':>15}{'rechub':>15}")
+              f"{'ctr AUC ours':>15}{'rechub':>15}{'cvr AUC ours':>15}{'rechub':>15}{'emb grads':>11}")
     print(header)
     for model in models:
         runs: dict[str, list[dict]] = {"ours": [], "rechub": []}
@@ -248,7 +294,8 @@ def main() -> None:
               f"{med(ours, 'rss_mib'):>14.0f}{med(theirs, 'rss_mib'):>8.0f}"
               f"{100 * med(ours, 'train_sps') / bound:>11.0f}%"
               f"{spread([r['auc']['ctr'] for r in ours]):>15}{spread([r['auc']['ctr'] for r in theirs]):>15}"
-              f"{spread([r['auc']['cvr'] for r in ours]):>15}{spread([r['auc']['cvr'] for r in theirs]):>15}",
+              f"{spread([r['auc']['cvr'] for r in ours]):>15}{spread([r['auc']['cvr'] for r in theirs]):>15}"
+              f"{'sparse' if ours[0]['sparse'] else 'dense':>11}",
               flush=True)
 
 

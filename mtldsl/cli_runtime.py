@@ -66,6 +66,10 @@ def train_cmd(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                    help="Steps between mid-epoch last.pt saves (0: epoch ends only)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar and no per-epoch lines."),
+    sparse_embeddings: Optional[str] = typer.Option(
+        None, "--sparse-embeddings",
+        help="auto (default: on for a table of 4 MiB or more), on or off: sparse gradients and a row-wise "
+             "optimizer (SparseAdam for adam) for the embedding tables."),
 ) -> None:
     """Train a spec: prints the per-task test table and the run folder."""
     if not spec.is_file():
@@ -78,7 +82,8 @@ def train_cmd(
         return train(spec, data=data, data_dir=data_dir, rows=rows, epochs=epochs, batch_size=batch_size, lr=lr,
                      weighting=weighting, optimizer=optimizer, device=device, seed=seed, out=out, resume=resume,
                      monitor=monitor, patience=patience, progress=not no_progress,
-                     checkpoint_every=CHECKPOINT_EVERY if checkpoint_every is None else checkpoint_every)
+                     checkpoint_every=CHECKPOINT_EVERY if checkpoint_every is None else checkpoint_every,
+                     sparse_embeddings=sparse_embeddings)
 
     result = _run(go)
     if result.is_main:  # under torchrun only rank 0 reports (it also printed the table)

@@ -185,6 +185,7 @@ def test_spec_fields_missing_from_the_data_are_positioned(tmp_path: Path) -> Non
     (["--epochs", "0"], "error: --epochs must be positive, got 0"),
     (["--device", "tpu"], "error: unknown device 'tpu'"),
     (["--resume"], "error: --resume needs --out RUN_DIR"),
+    (["--sparse-embeddings", "yes"], "error: unknown --sparse-embeddings setting 'yes'; one of auto, on, off"),
 ])
 def test_bad_settings_are_one_error_line(flags: list[str], message: str) -> None:
     result = runner.invoke(app, ["train", str(ROOT / "specs" / "mmoe.mtl"), "--rows", "500", "--no-progress", *flags])

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ __all__ = [
     "METRICS",
     "MODEL_SOURCE",
     "SPEC",
+    "atomic_copy",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -112,6 +114,12 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_write(path, "wb") as f:
         f.write(data)
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Copy the file `src` onto `dst` atomically (as atomic_write), without reading it into memory."""
+    with open(src, "rb") as f, atomic_write(dst, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

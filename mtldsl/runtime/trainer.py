@@ -69,6 +69,9 @@ FORMAT = 1  # checkpoint layout version
 HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False, "mse": False, "mae": False}
 # Settings a resumed run may change; everything else must match the checkpoint (Note [Resume]).
 RESUMABLE = ("epochs", "patience", "device", "checkpoint_every")
+SPARSE_CHOICES = ("auto", "on", "off")
+SPARSE_AUTO_BYTES = 4 << 20  # `auto` turns sparse embedding updates on for a table at least this large
+# (Note [Sparse embedding updates]: measured crossover)
 
 
 class ConfigError(ValueError):
@@ -109,6 +112,7 @@ class TrainConfig:
     seed: int
     device: str
     checkpoint_every: int
+    sparse_embeddings: str = "auto"  # auto | on | off: Note [Sparse embedding updates]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +133,7 @@ def _positive(name: str, value: float | int) -> None:
 def _make_config(model: Model, *, data: str, data_dir: str | None, rows: int | None, epochs: int | None,
                  batch_size: int | None, lr: float | None, weighting: str | None, optimizer: str | None,
                  device: str, seed: int | None, monitor: str | None, patience: int | None,
-                 checkpoint_every: int) -> TrainConfig:
+                 checkpoint_every: int, sparse_embeddings: str = "auto") -> TrainConfig:
     t = model.train
     cfg = TrainConfig(
         data=data, data_dir=data_dir, rows=rows, data_seed=0,
@@ -144,6 +148,7 @@ def _make_config(model: Model, *, data: str, data_dir: str | None, rows: int | N
         seed=t.seed if seed is None else seed,
         device=device,
         checkpoint_every=checkpoint_every,
+        sparse_embeddings=sparse_embeddings,
     )
     _validate_config(cfg)
     return cfg
@@ -160,6 +165,10 @@ def _validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--checkpoint-every must not be negative, got {cfg.checkpoint_every}")
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("weighting", cfg.weighting, WEIGHTINGS)
+    _choice("--sparse-embeddings setting", cfg.sparse_embeddings, SPARSE_CHOICES)
+    if cfg.sparse_embeddings == "on" and cfg.weight_decay > 0:
+        raise ConfigError(f"--sparse-embeddings on: sparse embedding updates take no weight decay, and the spec sets "
+                          f"weight_decay {cfg.weight_decay}; set it to 0 or use --sparse-embeddings off")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -563,10 +572,85 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     return Prepared(spec, objective, source, cls, dataset, splits)
 
 
-def _instantiate(cls: type, vocab: Mapping[str, int], seed: int, device: torch.device) -> nn.Module:
+def _instantiate(cls: type, vocab: Mapping[str, int], seed: int, device: torch.device,
+                 sparse_grad: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    model = cls(dict(vocab), sparse_grad=False)
+    model = cls(dict(vocab), sparse_grad=sparse_grad)
     return model.to(device)
+
+
+# Note [Sparse embedding updates]
+# With dense gradients every step touches every row of every embedding table several times: the
+# embedding backward zeroes and scatters into a (rows x dim) gradient, and Adam reads and writes the
+# weight, the gradient and both moments of every row, although a batch of 1024 rows touches at most
+# 1024 x fields of them. For the small synthetic tables that costs nothing; on real vocabularies (millions
+# of ids) it dominates the step (DESIGN.md, Generated code). `--sparse-embeddings on` builds the tables
+# with sparse gradients (nn.Embedding(sparse=True): the gradient holds only the looked-up rows) and gives
+# the table weights their own row-wise optimizer: SparseAdam for adam/adamw (lazy Adam: a row's moments
+# and weight move only in steps whose batch contains it; its first step is dense Adam's except for
+# gradients near eps, which SparseAdam adds before the second moment's bias correction), Adagrad
+# and SGD as they are (both update only the rows present). Every other parameter keeps the fused dense
+# optimizer. Sparse updates take no weight decay (a decayed row would have to move every step, which is
+# what they avoid), so `on` refuses a spec with weight_decay > 0; and DDP's NCCL backend cannot reduce
+# sparse gradients, so `on` refuses torchrun. `auto` (the default) turns them on when neither applies and
+# the largest table holds at least SPARSE_AUTO_BYTES of weights.
+
+SPARSE_OPTIMIZERS = {"adam": torch.optim.SparseAdam, "adamw": torch.optim.SparseAdam,
+                     "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+
+
+def _table_bytes(cls: type, vocab: Mapping[str, int]) -> int:
+    """Weight bytes of the largest embedding table `cls` builds over `vocab` (built on the meta device)."""
+    with torch.device("meta"):
+        model = cls(dict(vocab))
+    return max((m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Embedding)),
+               default=0)
+
+
+def _use_sparse(cfg: TrainConfig, table_bytes: int, distributed: bool) -> bool:
+    """Whether this run updates its embedding tables sparsely (Note [Sparse embedding updates])."""
+    if cfg.sparse_embeddings == "off":
+        return False
+    if cfg.sparse_embeddings == "on":
+        if distributed:
+            raise ConfigError("--sparse-embeddings on: sparse embedding gradients do not work under torchrun "
+                              "(DDP's NCCL backend cannot reduce them); use --sparse-embeddings off")
+        return True
+    return not distributed and cfg.weight_decay == 0 and table_bytes >= SPARSE_AUTO_BYTES
+
+
+class Optimizers:
+    """The dense optimizer and, with sparse embedding updates, the tables' row-wise one, stepped as one."""
+
+    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer | None) -> None:
+        self.dense, self.sparse = dense, sparse
+
+    def zero_grad(self) -> None:
+        self.dense.zero_grad(set_to_none=False)  # reuse dense gradient buffers (DESIGN.md: no fresh page faults)
+        if self.sparse is not None:
+            self.sparse.zero_grad(set_to_none=True)  # a sparse gradient is rebuilt by every backward
+
+    def step(self) -> None:
+        self.dense.step()
+        if self.sparse is not None:
+            self.sparse.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The dense optimizer's state dict, plus the sparse one's under "sparse" when there is one."""
+        state = self.dense.state_dict()
+        if self.sparse is not None:
+            state = {**state, "sparse": self.sparse.state_dict()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        sparse = state.pop("sparse", None)
+        if (sparse is None) != (self.sparse is None):
+            raise ConfigError("--resume: the checkpoint's embedding updates were "
+                              f"{'dense' if sparse is None else 'sparse'}; resume with the same --sparse-embeddings")
+        self.dense.load_state_dict(state)
+        if self.sparse is not None:
+            self.sparse.load_state_dict(sparse)
 
 
 def _vocab(cls: type, schema: Any) -> dict[str, int]:
@@ -655,15 +739,17 @@ def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
 #   stopped mid-epoch resumes only with the same number of processes (the batch position depends on it).
 
 
-def _save_bytes(state: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """torch.save straight into the atomic temporary file: no in-memory copy of a large table's state."""
+    with runs.atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def _load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at `path`; mmap=True maps its tensors from the file, so the ones never read (the
+    optimizer state when only the model is wanted) cost no memory."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a file from elsewhere, or damaged by hand: one clear line
         raise ConfigError(f"{path}: not a readable mtldsl checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -749,7 +835,8 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.objective = prepared.objective
         self.vocab = _vocab(prepared.cls, prepared.dataset.schema)
-        self.model = _instantiate(prepared.cls, self.vocab, cfg.seed, device)
+        self.sparse = _use_sparse(cfg, _table_bytes(prepared.cls, self.vocab), dist is not None)
+        self.model = _instantiate(prepared.cls, self.vocab, cfg.seed, device, sparse_grad=self.sparse)
         self.net: nn.Module = self.model
         if dist is not None:  # broadcasts rank 0's parameters and buffers: every rank starts equal
             self.net = nn.parallel.DistributedDataParallel(
@@ -757,13 +844,19 @@ class Trainer:
         assert prepared.checked.graph is not None
         self.weighting = _make_weighting(cfg.weighting, self.objective,
                                          shared_parameters(self.model, prepared.checked.graph)).to(device)
-        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad],
+        tables = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding) and m.sparse}
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad and id(p) not in tables],
                    "weight_decay": cfg.weight_decay}]
         extra = [p for p in self.weighting.parameters() if p.requires_grad]
         if extra:  # learnable loss weights (UWL): trained, never decayed
             groups.append({"params": extra, "weight_decay": 0.0})
-        self.optimizer = _make_optimizer(cfg.optimizer, groups, cfg.lr, device)
+        sparse_params = [p for p in self.model.parameters() if id(p) in tables and p.requires_grad]
+        self.optimizer = Optimizers(
+            _make_optimizer(cfg.optimizer, groups, cfg.lr, device),
+            SPARSE_OPTIMIZERS[cfg.optimizer](sparse_params, lr=cfg.lr) if sparse_params else None)
         self.monitor = _monitor(cfg.monitor, self.objective, prepared.dataset.train.groups is not None)
+        self._losses_of = (self.objective.losses if dist is None
+                           else functools.partial(self.objective.losses, dist=dist))
         self.state = _State(loss_sums=[0.0] * len(self.objective.loss_keys))
         self.last_weights: Mapping[str, Any] = {}
 
@@ -793,10 +886,12 @@ class Trainer:
     def save(self, *, best: bool) -> None:
         if not self.is_main:
             return
-        data = _save_bytes(self.checkpoint())
+        state = self.checkpoint()
         if best:
-            runs.atomic_write_bytes(self.run_dir / runs.CHECKPOINT, data)
-        runs.atomic_write_bytes(self.run_dir / runs.LAST, data)
+            _save_checkpoint(state, self.run_dir / runs.CHECKPOINT)
+            runs.atomic_copy(self.run_dir / runs.CHECKPOINT, self.run_dir / runs.LAST)
+        else:
+            _save_checkpoint(state, self.run_dir / runs.LAST)
 
     def restore(self, ckpt: Mapping[str, Any]) -> None:
         saved_world = int(ckpt.get("world_size", 1))
@@ -873,6 +968,16 @@ class Trainer:
         s.loss_count += block.shape[0]
         return block.mean(0).tolist()
 
+    def train_step(self, batch: Mapping[str, Any]) -> Tensor:
+        """One optimizer step on `batch` (the module in train mode): the losses, (n_losses,), left on the device."""
+        with _autocast(self.device):
+            out = self.net({"sparse": batch["sparse"], "dense": batch["dense"]})
+        losses = self._losses_of(out, batch["labels"])
+        self.optimizer.zero_grad()
+        self.last_weights = self.weighting.backward(losses)
+        self.optimizer.step()
+        return torch.stack([losses[k].detach() for k in self.objective.loss_keys])
+
     def run_epoch(self, epoch: int) -> None:
         from tqdm.auto import tqdm
 
@@ -886,22 +991,14 @@ class Trainer:
             next(batches)
         bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    file=sys.stderr, dynamic_ncols=True, disable=not self.progress or not sys.stderr.isatty())
-        model, objective, optimizer, weighting = self.net, self.objective, self.optimizer, self.weighting
-        losses_of = objective.losses if self.dist is None else functools.partial(objective.losses, dist=self.dist)
-        keys = objective.loss_keys
+        keys = self.objective.loss_keys
         pending: list[Tensor] = []
         first_step, first_batch = s.step + 1, s.batch_in_epoch + 1
-        model.train()
+        self.net.train()
         t0 = time.perf_counter()
         try:
             for batch in batches:
-                with _autocast(self.device):
-                    out = model({"sparse": batch["sparse"], "dense": batch["dense"]})
-                losses = losses_of(out, batch["labels"])
-                optimizer.zero_grad(set_to_none=False)  # reuse gradient buffers (DESIGN.md: no fresh page faults)
-                self.last_weights = weighting.backward(losses)
-                optimizer.step()
-                pending.append(torch.stack([losses[k].detach() for k in keys]))
+                pending.append(self.train_step(batch))
                 s.step += 1
                 s.batch_in_epoch += 1
                 bar.update(1)
@@ -979,7 +1076,7 @@ class Trainer:
 
 
 def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any], run_dir: Path) -> TrainConfig:
-    cfg = TrainConfig(**saved)
+    cfg = TrainConfig(**{"sparse_embeddings": "off", **saved})  # runs from before the setting were dense
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None or value == getattr(cfg, key):
@@ -1013,6 +1110,7 @@ def train(
     progress: bool = True,
     checkpoint_every: int = CHECKPOINT_EVERY,
     runs_root: str | Path = "runs",
+    sparse_embeddings: str | None = None,
 ) -> RunResult:
     """Train a spec; every argument left None takes the spec's `train {}` value (data: its `data` line).
 
@@ -1020,13 +1118,14 @@ def train(
     table to stdout and returns it with the metrics. metrics.json's `train.seconds` counts training
     steps only (no evaluation); `samples_per_second` is training samples over those seconds. Raises SpecError (diagnostics), DataError /
     DatasetNotFound (bad or absent data), ConfigError (bad setting) or TrainingDiverged.
-    `resume=True` continues the run in `out` (Note [Resume]).
+    `resume=True` continues the run in `out` (Note [Resume]). `sparse_embeddings` is auto (default), on or
+    off (Note [Sparse embedding updates]).
     """
     with contextlib.ExitStack() as stack:  # leaves the torchrun process group at the end, on error too
         return _train(stack, spec, data=data, data_dir=data_dir, rows=rows, epochs=epochs, batch_size=batch_size,
                       lr=lr, weighting=weighting, optimizer=optimizer, device=device, seed=seed, out=out,
                       resume=resume, monitor=monitor, patience=patience, progress=progress,
-                      checkpoint_every=checkpoint_every, runs_root=runs_root)
+                      checkpoint_every=checkpoint_every, runs_root=runs_root, sparse_embeddings=sparse_embeddings)
 
 
 def _join_group(stack: contextlib.ExitStack, dev: torch.device) -> tuple[Any, torch.device]:
@@ -1044,7 +1143,7 @@ def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str
            rows: int | None, epochs: int | None, batch_size: int | None, lr: float | None, weighting: str | None,
            optimizer: str | None, device: str, seed: int | None, out: str | Path | None, resume: bool,
            monitor: str | None, patience: int | None, progress: bool, checkpoint_every: int,
-           runs_root: str | Path) -> RunResult:
+           runs_root: str | Path, sparse_embeddings: str | None) -> RunResult:
     text, path = _spec_input(spec)
     dev = resolve_device(device)  # fails early on a bad --device; a resumed run re-resolves its config's
     ckpt: dict[str, Any] | None = None
@@ -1065,6 +1164,7 @@ def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str
             "lr": lr, "weighting": weighting, "optimizer": optimizer, "seed": seed, "monitor": monitor,
             "patience": patience, "device": device if device != "auto" else None,
             "checkpoint_every": checkpoint_every if checkpoint_every != CHECKPOINT_EVERY else None,
+            "sparse_embeddings": sparse_embeddings,
         }, run_dir)
         dist, dev = _join_group(stack, resolve_device(cfg.device))
         source = (run_dir / runs.MODEL_SOURCE).read_text(encoding="utf-8")
@@ -1080,7 +1180,8 @@ def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str
         data_source = spec_checked[1]
         cfg = _make_config(model_ir, data=data_source, data_dir=data_dir, rows=rows, epochs=epochs,
                            batch_size=batch_size, lr=lr, weighting=weighting, optimizer=optimizer, device=device,
-                           seed=seed, monitor=monitor, patience=patience, checkpoint_every=checkpoint_every)
+                           seed=seed, monitor=monitor, patience=patience, checkpoint_every=checkpoint_every,
+                           sparse_embeddings=sparse_embeddings or "auto")
         _monitor(cfg.monitor, Objective(model_ir), True)  # before loading any data; gauc is re-checked below
         if out is not None and ((Path(out) / runs.LAST).exists() or (Path(out) / runs.CHECKPOINT).exists()):
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or another --out")
@@ -1110,6 +1211,9 @@ def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str
     elif trainer.progress:
         for note in prepared.dataset.notes:
             trainer.log(note)
+        if trainer.sparse:
+            trainer.log(f"embedding tables: sparse gradients, {type(trainer.optimizer.sparse).__name__} "
+                        "(Note [Sparse embedding updates])")
     trainer.fit()
     return _finish(trainer, prepared, cfg, run_dir)
 
@@ -1118,8 +1222,9 @@ def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Pat
     """Load the best checkpoint, evaluate it on test, write metrics.json, history.csv and curve.png."""
     s = trainer.state
     if trainer.is_main:  # under DDP the other ranks keep their final weights (the run folder may be rank 0's only)
-        best = _load_checkpoint(run_dir / runs.CHECKPOINT)
+        best = _load_checkpoint(run_dir / runs.CHECKPOINT, mmap=True)
         trainer.model.load_state_dict(best["model"])
+        del best
     test = trainer.main_evaluate("test")
     best_row = next((r for r in s.history if r["epoch"] == s.best_epoch), {})
     model_ir = prepared.checked.model
@@ -1136,6 +1241,7 @@ def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Pat
             "steps": s.step,
             "stopped_early": s.stopped,
             "processes": trainer.world_size,  # data-parallel processes (torchrun); samples/s is over all of them
+            "sparse_embeddings": trainer.sparse,  # what --sparse-embeddings (config) resolved to
         },
         "best_epoch": s.best_epoch,
         "monitor": cfg.monitor,
@@ -1176,7 +1282,7 @@ def load_run(run_dir: str | Path, *, data: str | None = None, data_dir: str | No
     for name in (runs.SPEC, runs.MODEL_SOURCE, runs.CHECKPOINT):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir}: not a finished run folder (no {name})")
-    ckpt = _load_checkpoint(run_dir / runs.CHECKPOINT)
+    ckpt = _load_checkpoint(run_dir / runs.CHECKPOINT, mmap=True)
     cfg = TrainConfig(**ckpt["config"])
     dev = resolve_device(device)
     if data is None:
