@@ -148,14 +148,15 @@ def test_batched_experts_match_separate_experts(batch_norm: bool, shared: bool, 
                 assert_close(batched.norms[i].running_var[e * w:(e + 1) * w], bn.running_var)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval_folded_batch_norm"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_batched_experts_every_activation(activation: str) -> None:
+def test_batched_experts_every_activation(activation: str, train: bool) -> None:
     n, d_in, dims, B = 3, 7, [6, 4], 12
     experts = separate_experts(n, d_in, dims, activation, batch_norm=True)
     batched = BatchedExperts(n, d_in, dims, activation=activation, batch_norm=True)
     copy_into(batched, experts)
     for m in [batched, *experts]:
-        m.train()
+        m.train(train)
     x = torch.randn(B, d_in)
     ref = torch.stack([seq(x) for seq in experts], dim=1)
     assert_close(batched(x), ref, )
