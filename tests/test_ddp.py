@@ -85,6 +85,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         _quiet_train(spec, root / "ddp-2", epochs=2, batch_size=B, device="cpu")
         _quiet_train(spec, root / "ddp-1+1", epochs=1, batch_size=B, device="cpu")
         _quiet_train(spec, root / "ddp-1+1", epochs=2, resume=True)
+        dist.barrier()  # Note [Leaving a gloo group] in mtldsl/runtime/distributed.py
     finally:
         dist.destroy_process_group()
 

@@ -408,6 +408,7 @@ def _ddp_worker(rank: int, port: int, queue) -> None:
             res.update({f"w.{k}": p.grad.clone() for k, p in w.named_parameters()})
             results[name] = {k: v.numpy() for k, v in res.items()}  # by value: shared-memory tensors die with the worker
         queue.put((rank, results))
+        dist.barrier()  # Note [Leaving a gloo group] in mtldsl/runtime/distributed.py
     finally:
         dist.destroy_process_group()
 

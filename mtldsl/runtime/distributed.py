@@ -105,6 +105,11 @@ def process_group(device: torch.device) -> Iterator[Context | None]:
 
     On CUDA the device becomes `cuda:LOCAL_RANK` (the Context's `device`). The group is destroyed on
     exit, also on an exception, unless it was initialised before this call.
+
+    Note [Leaving a gloo group]: a rank that destroys its gloo group while its peer is still inside a
+    collective (or tearing its own group down) aborts the process ("terminate called without an active
+    exception", seen in 1 of 8 two-process runs). Every rank therefore passes a barrier before
+    destroying the group on a normal exit; after an exception it does not (the peer may never arrive).
     """
     import torch.distributed as dist
 
@@ -135,8 +140,10 @@ def process_group(device: torch.device) -> Iterator[Context | None]:
             raise ValueError(f"WORLD_SIZE={world} is set but {var} is not: launch with torchrun "
                              "(or set MASTER_ADDR and MASTER_PORT)")
     dist.init_process_group(backend, rank=rank, world_size=world)
+    ctx = Context(rank, local, world, dev)
     try:
-        yield Context(rank, local, world, dev)
+        yield ctx
+        ctx.barrier()  # Note [Leaving a gloo group]
     finally:
         dist.destroy_process_group()
 
