@@ -9,6 +9,12 @@ RSS is per side. torch-rechub is a benchmark-only dependency (`pip install torch
     python benchmarks/vs_torch_rechub.py --model mmoe --rows 200000 --seeds 3
     python benchmarks/vs_torch_rechub.py --model all --rows 200000 --seeds 1
     python benchmarks/vs_torch_rechub.py --model shared_bottom --vocab-scale 1000
+    python benchmarks/vs_torch_rechub.py --model mmoe --precision fp32 --rechub-precision bf16
+
+--precision sets mtldsl's (auto: bf16 autocast where the CPU multiplies bf16 natively, AVX512-BF16
+or AMX; else fp32; Note [Mixed precision] in mtldsl/runtime/trainer.py). torch-rechub trains in fp32
+as shipped; --rechub-precision bf16 wraps its training and prediction in the same bf16 autocast, for
+a same-precision comparison.
 
 --vocab-scale K spreads each field's ids over K times its synthetic vocabulary (a random one-to-one
 map, so the data carries the same information), as on real data whose tables hold millions of ids
@@ -17,8 +23,8 @@ is then written once as a dataset folder (Parquet + schema.json) that both sides
 
 Printed per model: samples/s (train, predict) for both, the ratios, peak RSS, test AUC per task
 (mean and spread over seeds), and training speed as a share of the model's FLOP bound on this
-machine (dense FLOPs per training sample = 6 x multiply-adds of every dense weight, against a
-GEMM rate measured in the same run).
+machine (dense FLOPs per training sample = 6 x multiply-adds of every dense weight, against the
+GEMM rate of the precision mtldsl trained in, measured in the same run).
 """
 
 from __future__ import annotations
@@ -65,10 +71,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def gemm_gflops() -> float:
+def gemm_gflops(dtype) -> float:
     import torch
 
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 512)
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 512, dtype=dtype)
     for _ in range(10):  # warm the thread pool and caches
         a @ b
     best, n = 0.0, 20
@@ -125,7 +131,8 @@ def write_scaled(rows: int, scale: int, folder: Path) -> None:
     (folder / "schema.json").write_text(schema_to_json(scaled, with_vocab=True))
 
 
-def run_ours(model: str, data: str, rows: int, batch: int, seed: int, threads: int, epochs: int) -> dict:
+def run_ours(model: str, data: str, rows: int, batch: int, seed: int, threads: int, epochs: int,
+             precision: str) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -135,7 +142,7 @@ def run_ours(model: str, data: str, rows: int, batch: int, seed: int, threads: i
         spec = spec_path(model, Path(tmp))
         result = train(spec, data=data, rows=rows if data == "synthetic" else None, epochs=epochs,
                        batch_size=batch, seed=seed, out=str(Path(tmp) / "run"), progress=False,
-                       patience=epochs + 1)
+                       patience=epochs + 1, precision=precision)
         metrics = result.metrics
         rss_train = peak_rss_mib()  # before the benchmark's own second data load below
         net = result.model.cpu()
@@ -145,7 +152,8 @@ def run_ours(model: str, data: str, rows: int, batch: int, seed: int, threads: i
         sparse, dense = ds.test.sparse[:, cols].contiguous(), ds.test.dense[:, dcols].contiguous()
         net.eval()
         t = time.perf_counter()
-        with torch.inference_mode():
+        bf16 = metrics["train"]["precision"] == "bf16"
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for i in range(0, len(sparse), batch):
                 net({"sparse": sparse[i:i + batch], "dense": dense[i:i + batch]})
         predict = len(sparse) / (time.perf_counter() - t)
@@ -158,10 +166,12 @@ def run_ours(model: str, data: str, rows: int, batch: int, seed: int, threads: i
             "macs": dense_macs(net),
             "rss_mib": rss_train,
             "sparse": metrics["train"]["sparse_embeddings"],
+            "precision": metrics["train"]["precision"],
         }
 
 
-def run_rechub(model: str, data: str, rows: int, batch: int, seed: int, threads: int, epochs: int) -> dict:
+def run_rechub(model: str, data: str, rows: int, batch: int, seed: int, threads: int, epochs: int,
+               precision: str) -> dict:
     import numpy as np
     import torch
     from torch_rechub.basic.features import DenseFeature, SparseFeature
@@ -210,14 +220,18 @@ def run_rechub(model: str, data: str, rows: int, batch: int, seed: int, threads:
         trainer = MTLTrainer(net, tasks + (["classification"] if model == "esmm" else []),
                              optimizer_params={"lr": 1e-3, "weight_decay": 0.0}, n_epoch=epochs,
                              earlystop_patience=epochs + 1, device="cpu", model_path=tmp)
+        bf16 = precision == "bf16"
         t = time.perf_counter()
         for _ in range(epochs):
-            trainer.train_one_epoch(train_dl)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                trainer.train_one_epoch(train_dl)
         train_sps = epochs * len(ytr) / (time.perf_counter() - t)
         t = time.perf_counter()
-        trainer.predict(net, DataLoader(PredictDataset(xte), batch_size=batch))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            trainer.predict(net, DataLoader(PredictDataset(xte), batch_size=batch))
         predict_sps = len(yte) / (time.perf_counter() - t)
-        scores = trainer.evaluate(net, test_dl)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            scores = trainer.evaluate(net, test_dl)
     auc = {"cvr": scores[0], "ctr": scores[1]} if model == "esmm" else {"ctr": scores[0], "cvr": scores[1]}
     return {"params": sum(p.numel() for p in net.parameters()), "train_sps": train_sps, "predict_sps": predict_sps,
             "auc": auc, "rss_mib": peak_rss_mib()}
@@ -229,7 +243,7 @@ def run_rechub(model: str, data: str, rows: int, batch: int, seed: int, threads:
 def one(side: str, model: str, args: argparse.Namespace, seed: int) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", model, "--data", args.data, "--rows", str(args.rows),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--epochs", str(args.epochs),
-           "--seed", str(seed)]
+           "--seed", str(seed), "--precision", args.precision if side == "ours" else args.rechub_precision]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -250,13 +264,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vocab-scale", type=int, default=1, help="spread each field's ids over K x its vocabulary")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="mtldsl's --precision")
+    ap.add_argument("--rechub-precision", choices=("fp32", "bf16"), default="fp32",
+                    help="torch-rechub's: fp32 as shipped, or under the same bf16 autocast")
     ap.add_argument("--data", default="synthetic", help=argparse.SUPPRESS)
     ap.add_argument("--side", choices=("ours", "rechub"), help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         fn = run_ours if args.side == "ours" else run_rechub
-        print(json.dumps(fn(args.model, args.data, args.rows, args.batch_size, args.seed, args.threads, args.epochs)))
+        print(json.dumps(fn(args.model, args.data, args.rows, args.batch_size, args.seed, args.threads, args.epochs,
+                            args.precision)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.vocab_scale > 1:
@@ -270,13 +288,14 @@ def drive(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    gflops = gemm_gflops()
+    gflops, bf16_gflops = gemm_gflops(torch.float32), gemm_gflops(torch.bfloat16)
     models = MODELS if args.model == "all" else tuple(args.model.split(","))
     print(f"rows {args.rows} (train {int(args.rows * 0.8)}), batch {args.batch_size}, {args.epochs} epoch(s), "
-          f"{args.threads} threads, {args.seeds} seed(s), vocab x{args.vocab_scale}; fp32 GEMM {gflops:.0f} GFLOP/s")
+          f"{args.threads} threads, {args.seeds} seed(s), vocab x{args.vocab_scale}; fp32 GEMM {gflops:.0f} GFLOP/s, "
+          f"bf16 GEMM {bf16_gflops:.0f} GFLOP/s; torch-rechub in {args.rechub_precision}")
     header = (f"{'model':<14}{'params':>10}{'train/s ours':>14}{'rechub':>9}{'ratio':>7}{'predict/s ours':>16}"
               f"{'rechub':>9}{'ratio':>7}{'RSS MiB ours':>14}{'rechub':>8}{'FLOP bound':>12}"
-              f"{'ctr AUC ours':>15}{'rechub':>15}{'cvr AUC ours':>15}{'rechub':>15}{'emb grads':>11}")
+              f"{'ctr AUC ours':>15}{'rechub':>15}{'cvr AUC ours':>15}{'rechub':>15}{'emb grads':>11}{'precision':>11}")
     print(header)
     for model in models:
         runs: dict[str, list[dict]] = {"ours": [], "rechub": []}
@@ -287,7 +306,8 @@ def drive(args: argparse.Namespace) -> None:
         ours, theirs = runs["ours"], runs["rechub"]
         assert ours[0]["params"] == theirs[0]["params"], f"{model}: params {ours[0]['params']} vs {theirs[0]['params']}"
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-        bound = gflops * 1e9 / (6 * ours[0]["macs"])
+        rate = bf16_gflops if ours[0]["precision"] == "bf16" else gflops  # the bound of the precision it ran in
+        bound = rate * 1e9 / (6 * ours[0]["macs"])
         print(f"{model:<14}{ours[0]['params']:>10}{med(ours, 'train_sps'):>14.0f}{med(theirs, 'train_sps'):>9.0f}"
               f"{med(ours, 'train_sps') / med(theirs, 'train_sps'):>7.2f}{med(ours, 'predict_sps'):>16.0f}"
               f"{med(theirs, 'predict_sps'):>9.0f}{med(ours, 'predict_sps') / med(theirs, 'predict_sps'):>7.2f}"
@@ -295,7 +315,7 @@ def drive(args: argparse.Namespace) -> None:
               f"{100 * med(ours, 'train_sps') / bound:>11.0f}%"
               f"{spread([r['auc']['ctr'] for r in ours]):>15}{spread([r['auc']['ctr'] for r in theirs]):>15}"
               f"{spread([r['auc']['cvr'] for r in ours]):>15}{spread([r['auc']['cvr'] for r in theirs]):>15}"
-              f"{'sparse' if ours[0]['sparse'] else 'dense':>11}",
+              f"{'sparse' if ours[0]['sparse'] else 'dense':>11}{ours[0]['precision']:>11}",
               flush=True)
 
 

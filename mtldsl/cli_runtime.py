@@ -70,6 +70,10 @@ def train_cmd(
         None, "--sparse-embeddings",
         help="auto (default: on for a table of 4 MiB or more), on or off: sparse gradients and a row-wise "
              "optimizer (SparseAdam for adam) for the embedding tables."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision",
+        help="auto (default: bf16 autocast where the device multiplies bf16 natively -- CUDA, or a CPU with "
+             "AVX512-BF16 or AMX -- else fp32), fp32 or bf16. Weights, optimizer state and losses stay float32."),
 ) -> None:
     """Train a spec: prints the per-task test table and the run folder."""
     if not spec.is_file():
@@ -83,7 +87,7 @@ def train_cmd(
                      weighting=weighting, optimizer=optimizer, device=device, seed=seed, out=out, resume=resume,
                      monitor=monitor, patience=patience, progress=not no_progress,
                      checkpoint_every=CHECKPOINT_EVERY if checkpoint_every is None else checkpoint_every,
-                     sparse_embeddings=sparse_embeddings)
+                     sparse_embeddings=sparse_embeddings, precision=precision)
 
     result = _run(go)
     if result.is_main:  # under torchrun only rank 0 reports (it also printed the table)

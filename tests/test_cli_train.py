@@ -25,7 +25,8 @@ runner = CliRunner()
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
     result = runner.invoke(app, ["train", str(ROOT / "specs" / "esmm.mtl"), "--rows", "1500", "--epochs", "1",
-                                 "--batch-size", "256", "--seed", "1", "--out", str(out), "--no-progress"])
+                                 "--batch-size", "256", "--seed", "1", "--out", str(out), "--no-progress",
+                                 "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -33,6 +34,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_prints_table_and_run_folder(run_dir: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == "esmm" and metrics["config"]["seed"] == 1 and metrics["config"]["rows"] == 1500
+    assert metrics["config"]["precision"] == "fp32" and metrics["train"]["precision"] == "fp32"
     for name in ("spec.mtl", "model.py", "checkpoint.pt", "history.csv", "curve.png"):
         assert (run_dir / name).is_file()
 
@@ -47,6 +49,14 @@ def test_train_stdout_is_the_table(tmp_path: Path) -> None:
     assert [line.split()[0] for line in lines[1:4]] == ["ctr", "cvr", "cvr@click"]
     assert lines[-1] == f"run folder: {out}"
     assert result.stderr == ""  # --no-progress: no bar, no epoch lines
+
+
+def test_train_bad_precision_is_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(ROOT / "specs" / "shared_bottom.mtl"), "--rows", "300",
+                                 "--precision", "fp16", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "unknown precision 'fp16'" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_default_run_folder_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

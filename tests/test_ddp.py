@@ -56,6 +56,8 @@ def _quiet_train(spec: Path, out: Path, **kw: object):  # type: ignore[no-untype
 
     from mtldsl.runtime.trainer import train
 
+    if not kw.get("resume"):  # fp32: the comparison is of DDP's arithmetic, to 1e-6, not of bf16 rounding
+        kw.setdefault("precision", "fp32")
     with contextlib.redirect_stdout(io.StringIO()):  # the table
         return train(spec, rows=ROWS, out=out, progress=False, checkpoint_every=0, **kw)  # type: ignore[arg-type]
 

@@ -144,7 +144,8 @@ def _untrained_metrics(result: trainer.RunResult) -> dict:
     run = trainer.load_run(result.run_dir, device="cpu")
     torch.manual_seed(12345)
     fresh = run.prepared.cls(run.checkpoint["vocab_sizes"]).eval()
-    return trainer._evaluate(fresh, run.prepared.splits["test"], run.prepared.objective, 4096, torch.device("cpu"))
+    return trainer._evaluate(fresh, run.prepared.splits["test"], run.prepared.objective, 4096, torch.device("cpu"),
+                             run.precision)
 
 
 def test_larger_synthetic_run_learns(tmp_path: Path) -> None:
@@ -386,8 +387,8 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path: Path, monkeypatch: pytest
     original = trainer._evaluate
     planted = iter([0.60, 0.70, 0.65, 0.64, 0.90])  # val cvr.auc per epoch; epoch 5 never comes (patience 2)
 
-    def fake(model, split, objective, batch_size, device):  # type: ignore[no-untyped-def]
-        metrics = original(model, split, objective, batch_size, device)
+    def fake(model, split, objective, batch_size, device, precision):  # type: ignore[no-untyped-def]
+        metrics = original(model, split, objective, batch_size, device, precision)
         if len(split) == 100:  # the val split of 1000 rows (test is the final evaluation)
             metrics["cvr"]["auc"] = next(planted)
         return metrics

@@ -68,8 +68,9 @@ EVAL_BATCH = 2048  # evaluation batch cap: larger batches gain little speed, and
 FORMAT = 1  # checkpoint layout version
 HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False, "mse": False, "mae": False}
 # Settings a resumed run may change; everything else must match the checkpoint (Note [Resume]).
-RESUMABLE = ("epochs", "patience", "device", "checkpoint_every")
+RESUMABLE = ("epochs", "patience", "device", "checkpoint_every", "precision")
 SPARSE_CHOICES = ("auto", "on", "off")
+PRECISIONS = ("auto", "fp32", "bf16")  # Note [Mixed precision]
 SPARSE_AUTO_BYTES = 4 << 20  # `auto` turns sparse embedding updates on for a table at least this large
 # (Note [Sparse embedding updates]: measured crossover)
 
@@ -113,6 +114,7 @@ class TrainConfig:
     device: str
     checkpoint_every: int
     sparse_embeddings: str = "auto"  # auto | on | off: Note [Sparse embedding updates]
+    precision: str = "auto"  # auto | fp32 | bf16: Note [Mixed precision]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +135,7 @@ def _positive(name: str, value: float | int) -> None:
 def _make_config(model: Model, *, data: str, data_dir: str | None, rows: int | None, epochs: int | None,
                  batch_size: int | None, lr: float | None, weighting: str | None, optimizer: str | None,
                  device: str, seed: int | None, monitor: str | None, patience: int | None,
-                 checkpoint_every: int, sparse_embeddings: str = "auto") -> TrainConfig:
+                 checkpoint_every: int, sparse_embeddings: str = "auto", precision: str = "auto") -> TrainConfig:
     t = model.train
     cfg = TrainConfig(
         data=data, data_dir=data_dir, rows=rows, data_seed=0,
@@ -149,6 +151,7 @@ def _make_config(model: Model, *, data: str, data_dir: str | None, rows: int | N
         device=device,
         checkpoint_every=checkpoint_every,
         sparse_embeddings=sparse_embeddings,
+        precision=precision,
     )
     _validate_config(cfg)
     return cfg
@@ -166,6 +169,7 @@ def _validate_config(cfg: TrainConfig) -> None:
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("weighting", cfg.weighting, WEIGHTINGS)
     _choice("--sparse-embeddings setting", cfg.sparse_embeddings, SPARSE_CHOICES)
+    _choice("precision", cfg.precision, PRECISIONS)
     if cfg.sparse_embeddings == "on" and cfg.weight_decay > 0:
         raise ConfigError(f"--sparse-embeddings on: sparse embedding updates take no weight decay, and the spec sets "
                           f"weight_decay {cfg.weight_decay}; set it to 0 or use --sparse-embeddings off")
@@ -186,11 +190,37 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA; nothing on CPU (losses are always computed in float32 outside it)."""
+# Note [Mixed precision]
+# ~~~~~~~~~~~~~~~~~~~~~~~
+# With precision bf16 the forward pass runs under torch.autocast(bfloat16): matmuls (the experts'
+# GEMMs, where MMoE/PLE spend their time) take bf16 operands and accumulate in float32, while the
+# parameters, the optimizer state, the embedding tables and every loss stay float32. `auto` picks
+# bf16 where the device multiplies bf16 natively -- CUDA with bf16 support, or a CPU with AVX512-BF16
+# or AMX (measured on a 2-core AMD EPYC with AVX512-BF16: 4x the fp32 GEMM rate, MMoE trains 1.9x
+# faster with the same test AUC over 3 seeds; benchmarks/RESULTS.md) -- and float32 elsewhere, where
+# emulated bf16 would be slower. Tower.head computes each logit in float32 (layers.py), so outputs
+# keep full resolution for AUC. Exported models (export.py) are float32.
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware (CUDA bf16 support; CPU AVX512-BF16 or AMX)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+        return bool(torch.cuda.is_bf16_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID checks
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` -> bf16 where native_bf16(device), else fp32; fp32 and bf16 as given (Note [Mixed precision])."""
+    _choice("precision", name, PRECISIONS)
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return name
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast for precision bf16, none for fp32 (losses are always computed in float32 outside it)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,12 +695,12 @@ def _vocab(cls: type, schema: Any) -> dict[str, int]:
 
 @torch.inference_mode()
 def _evaluate(model: nn.Module, split: Any, objective: Objective, batch_size: int,
-              device: torch.device) -> dict[str, dict[str, float]]:
+              device: torch.device, precision: str) -> dict[str, dict[str, float]]:
     was_training = model.training
     model.eval()
     acc = objective.accumulator()
     for batch in split.batches(min(batch_size, EVAL_BATCH) if batch_size > 0 else EVAL_BATCH, shuffle=False):
-        with _autocast(device):
+        with _autocast(device, precision):
             out = model({"sparse": batch["sparse"], "dense": batch["dense"]})
         objective.update(acc, {k: v.float() for k, v in out.items()}, batch["labels"], batch["groups"])
     model.train(was_training)
@@ -836,6 +866,7 @@ class Trainer:
         self.objective = prepared.objective
         self.vocab = _vocab(prepared.cls, prepared.dataset.schema)
         self.sparse = _use_sparse(cfg, _table_bytes(prepared.cls, self.vocab), dist is not None)
+        self.precision = resolve_precision(cfg.precision, device)
         self.model = _instantiate(prepared.cls, self.vocab, cfg.seed, device, sparse_grad=self.sparse)
         self.net: nn.Module = self.model
         if dist is not None:  # broadcasts rank 0's parameters and buffers: every rank starts equal
@@ -970,7 +1001,7 @@ class Trainer:
 
     def train_step(self, batch: Mapping[str, Any]) -> Tensor:
         """One optimizer step on `batch` (the module in train mode): the losses, (n_losses,), left on the device."""
-        with _autocast(self.device):
+        with _autocast(self.device, self.precision):
             out = self.net({"sparse": batch["sparse"], "dense": batch["dense"]})
         losses = self._losses_of(out, batch["labels"])
         self.optimizer.zero_grad()
@@ -1023,7 +1054,8 @@ class Trainer:
         """Metrics of `self.model` on a whole split: computed by the main process, the same dict on every rank."""
         val = None
         if self.is_main:
-            val = _evaluate(self.model, self.p.splits[split], self.objective, self.cfg.batch_size, self.device)
+            val = _evaluate(self.model, self.p.splits[split], self.objective, self.cfg.batch_size, self.device,
+                            self.precision)
         if self.dist is not None:  # the other ranks wait here while rank 0 evaluates
             val = self.dist.broadcast(val)
         assert val is not None
@@ -1076,7 +1108,9 @@ class Trainer:
 
 
 def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any], run_dir: Path) -> TrainConfig:
-    cfg = TrainConfig(**{"sparse_embeddings": "off", **saved})  # runs from before the setting were dense
+    # runs from before these settings: dense embedding updates, bf16 only on CUDA
+    cfg = TrainConfig(**{"sparse_embeddings": "off", "precision": "auto" if str(saved["device"]).startswith("cuda") else "fp32",
+                         **saved})
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None or value == getattr(cfg, key):
@@ -1111,6 +1145,7 @@ def train(
     checkpoint_every: int = CHECKPOINT_EVERY,
     runs_root: str | Path = "runs",
     sparse_embeddings: str | None = None,
+    precision: str | None = None,
 ) -> RunResult:
     """Train a spec; every argument left None takes the spec's `train {}` value (data: its `data` line).
 
@@ -1119,13 +1154,14 @@ def train(
     steps only (no evaluation); `samples_per_second` is training samples over those seconds. Raises SpecError (diagnostics), DataError /
     DatasetNotFound (bad or absent data), ConfigError (bad setting) or TrainingDiverged.
     `resume=True` continues the run in `out` (Note [Resume]). `sparse_embeddings` is auto (default), on or
-    off (Note [Sparse embedding updates]).
+    off (Note [Sparse embedding updates]); `precision` is auto (default), fp32 or bf16 (Note [Mixed precision]).
     """
     with contextlib.ExitStack() as stack:  # leaves the torchrun process group at the end, on error too
         return _train(stack, spec, data=data, data_dir=data_dir, rows=rows, epochs=epochs, batch_size=batch_size,
                       lr=lr, weighting=weighting, optimizer=optimizer, device=device, seed=seed, out=out,
                       resume=resume, monitor=monitor, patience=patience, progress=progress,
-                      checkpoint_every=checkpoint_every, runs_root=runs_root, sparse_embeddings=sparse_embeddings)
+                      checkpoint_every=checkpoint_every, runs_root=runs_root, sparse_embeddings=sparse_embeddings,
+                      precision=precision)
 
 
 def _join_group(stack: contextlib.ExitStack, dev: torch.device) -> tuple[Any, torch.device]:
@@ -1143,7 +1179,7 @@ def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str
            rows: int | None, epochs: int | None, batch_size: int | None, lr: float | None, weighting: str | None,
            optimizer: str | None, device: str, seed: int | None, out: str | Path | None, resume: bool,
            monitor: str | None, patience: int | None, progress: bool, checkpoint_every: int,
-           runs_root: str | Path, sparse_embeddings: str | None) -> RunResult:
+           runs_root: str | Path, sparse_embeddings: str | None, precision: str | None) -> RunResult:
     text, path = _spec_input(spec)
     dev = resolve_device(device)  # fails early on a bad --device; a resumed run re-resolves its config's
     ckpt: dict[str, Any] | None = None
@@ -1164,7 +1200,7 @@ def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str
             "lr": lr, "weighting": weighting, "optimizer": optimizer, "seed": seed, "monitor": monitor,
             "patience": patience, "device": device if device != "auto" else None,
             "checkpoint_every": checkpoint_every if checkpoint_every != CHECKPOINT_EVERY else None,
-            "sparse_embeddings": sparse_embeddings,
+            "sparse_embeddings": sparse_embeddings, "precision": precision,
         }, run_dir)
         dist, dev = _join_group(stack, resolve_device(cfg.device))
         source = (run_dir / runs.MODEL_SOURCE).read_text(encoding="utf-8")
@@ -1181,7 +1217,7 @@ def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str
         cfg = _make_config(model_ir, data=data_source, data_dir=data_dir, rows=rows, epochs=epochs,
                            batch_size=batch_size, lr=lr, weighting=weighting, optimizer=optimizer, device=device,
                            seed=seed, monitor=monitor, patience=patience, checkpoint_every=checkpoint_every,
-                           sparse_embeddings=sparse_embeddings or "auto")
+                           sparse_embeddings=sparse_embeddings or "auto", precision=precision or "auto")
         _monitor(cfg.monitor, Objective(model_ir), True)  # before loading any data; gauc is re-checked below
         if out is not None and ((Path(out) / runs.LAST).exists() or (Path(out) / runs.CHECKPOINT).exists()):
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or another --out")
@@ -1214,6 +1250,9 @@ def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str
         if trainer.sparse:
             trainer.log(f"embedding tables: sparse gradients, {type(trainer.optimizer.sparse).__name__} "
                         "(Note [Sparse embedding updates])")
+        if trainer.precision == "bf16":
+            trainer.log(f"precision: bf16 autocast on {trainer.device.type}, float32 weights and losses "
+                        "(Note [Mixed precision]; --precision fp32 turns it off)")
     trainer.fit()
     return _finish(trainer, prepared, cfg, run_dir)
 
@@ -1242,6 +1281,7 @@ def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Pat
             "stopped_early": s.stopped,
             "processes": trainer.world_size,  # data-parallel processes (torchrun); samples/s is over all of them
             "sparse_embeddings": trainer.sparse,  # what --sparse-embeddings (config) resolved to
+            "precision": trainer.precision,  # what --precision (config) resolved to on this device
         },
         "best_epoch": s.best_epoch,
         "monitor": cfg.monitor,
@@ -1273,6 +1313,7 @@ class LoadedRun:
     model: nn.Module  # best checkpoint, eval mode, on `device`
     device: torch.device
     checkpoint: dict[str, Any]
+    precision: str  # the run's precision setting resolved on `device` (Note [Mixed precision])
 
 
 def load_run(run_dir: str | Path, *, data: str | None = None, data_dir: str | None = None, rows: int | None = None,
@@ -1295,7 +1336,7 @@ def load_run(run_dir: str | Path, *, data: str | None = None, data_dir: str | No
     model = prepared.cls(vocab, sparse_grad=False)
     model.load_state_dict(ckpt["model"])
     model.to(dev).eval()
-    return LoadedRun(run_dir, cfg, prepared, model, dev, ckpt)
+    return LoadedRun(run_dir, cfg, prepared, model, dev, ckpt, resolve_precision(cfg.precision, dev))
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, *, data_dir: str | None = None, rows: int | None = None,
@@ -1306,7 +1347,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, *, data_dir: str | No
     run = load_run(run_dir, data=data, data_dir=data_dir, rows=rows, device=device)
     _check_vocab(run.prepared.cls, run.prepared.dataset, split, run.checkpoint["vocab_sizes"])
     metrics = _evaluate(run.model, run.prepared.splits[split], run.prepared.objective,
-                        batch_size or run.config.batch_size, run.device)
+                        batch_size or run.config.batch_size, run.device, run.precision)
     return EvalResult(metrics, format_table(metrics), run.prepared.dataset.source, split)
 
 
@@ -1330,7 +1371,7 @@ def predict(run_dir: str | Path, out_file: str | Path, data: str | None = None, 
     preds: dict[str, list[Tensor]] = {name: [] for name in run.prepared.cls.OUTPUTS}
     with torch.inference_mode():
         for batch in cut.batches(min(batch_size or run.config.batch_size, EVAL_BATCH), shuffle=False):
-            with _autocast(run.device):
+            with _autocast(run.device, run.precision):
                 out = run.model({"sparse": batch["sparse"], "dense": batch["dense"]})
             for name in preds:
                 preds[name].append(out[name].float().cpu())
