@@ -86,17 +86,6 @@ def gemm_gflops(dtype) -> float:
     return best
 
 
-def dense_macs(model) -> int:
-    """Multiply-adds per sample of every dense weight (2-D Linear, 3-D stacked expert weights)."""
-    import torch
-
-    total = 0
-    for name, p in model.named_parameters():
-        if p.dim() >= 2 and not isinstance(dict(model.named_modules()).get(name.rsplit(".", 1)[0]), torch.nn.Embedding):
-            total += p.numel()
-    return total
-
-
 # ---- one side, one seed (runs in its own process) ----------------------------------------------
 
 
@@ -136,7 +125,7 @@ def run_ours(model: str, data: str, rows: int, batch: int, seed: int, threads: i
     import torch
 
     torch.set_num_threads(threads)
-    from mtldsl.runtime.trainer import train
+    from mtldsl.runtime.trainer import dense_macs, train
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = spec_path(model, Path(tmp))
@@ -163,7 +152,7 @@ def run_ours(model: str, data: str, rows: int, batch: int, seed: int, threads: i
             "train_sps": metrics["train"]["samples_per_second"],
             "predict_sps": predict,
             "auc": {k: tasks[k]["auc"] for k in ("ctr", "cvr") if k in tasks},
-            "macs": dense_macs(net),
+            "macs": dense_macs(net),  # the trainer's own count (Note [Mixed precision])
             "rss_mib": rss_train,
             "sparse": metrics["train"]["sparse_embeddings"],
             "precision": metrics["train"]["precision"],

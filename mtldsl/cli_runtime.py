@@ -73,7 +73,8 @@ def train_cmd(
     precision: Optional[str] = typer.Option(
         None, "--precision",
         help="auto (default: bf16 autocast where the device multiplies bf16 natively -- CUDA, or a CPU with "
-             "AVX512-BF16 or AMX -- else fp32), fp32 or bf16. Weights, optimizer state and losses stay float32."),
+             "AVX512-BF16 or AMX and a model of 32k+ multiply-adds per sample -- else fp32), fp32 or bf16. "
+             "Weights, optimizer state, losses and logits stay float32."),
 ) -> None:
     """Train a spec: prints the per-task test table and the run folder."""
     if not spec.is_file():

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from mtldsl.runtime import trainer
-from mtldsl.runtime.layers import Tower
-from mtldsl.runtime.trainer import ConfigError, predict, resolve_precision, train
+from mtldsl.runtime.layers import BatchedExperts, Tower
+from mtldsl.runtime.trainer import BF16_AUTO_MACS, ConfigError, dense_macs, predict, resolve_precision, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BOTTOM = ROOT / "specs" / "shared_bottom.mtl"
 CPU = torch.device("cpu")
 PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+BIG = BF16_AUTO_MACS  # a model just large enough for bf16 under `auto`
 
 
 @pytest.mark.parametrize("native", [(False, False), (True, False), (False, True)], ids=["none", "avx512", "amx"])
@@ -26,21 +27,32 @@ def test_auto_is_bf16_exactly_where_the_cpu_has_bf16_instructions(native: tuple[
     for name, value in zip(PROBES, native):
         monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
     assert trainer.native_bf16(CPU) is any(native)
-    assert resolve_precision("auto", CPU) == ("bf16" if any(native) else "fp32")
-    assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
+    assert resolve_precision("auto", CPU, BIG) == ("bf16" if any(native) else "fp32")
+    assert resolve_precision("auto", CPU, BIG - 1) == "fp32"  # too small: the casts would cost more
+    assert resolve_precision("fp32", CPU, BIG) == "fp32" and resolve_precision("bf16", CPU, 1) == "bf16"
 
 
 def test_a_torch_without_the_probes_means_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in PROBES:
         monkeypatch.delattr(torch.cpu, name, raising=False)
-    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("auto", CPU, BIG) == "fp32"
 
 
 def test_unknown_precision_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
-        resolve_precision("fp16", CPU)
+        resolve_precision("fp16", CPU, BIG)
     with pytest.raises(ConfigError, match="unknown precision 'bf61'.*bf16"):
         train(SHARED_BOTTOM, rows=300, precision="bf61", progress=False)
+
+
+def test_dense_macs_counts_layer_weights_not_tables_or_vectors() -> None:
+    model = nn.ModuleDict({"emb": nn.Embedding(1000, 16), "a": nn.Linear(16, 8), "b": nn.BatchNorm1d(8),
+                           "c": nn.Linear(8, 1), "d": BatchedExperts(n=3, d_in=16, dims=(4, 2))})
+    assert dense_macs(model) == 16 * 8 + 8 * 1 + 3 * (16 * 4 + 4 * 2)  # no tables, biases or norms
+    from mtldsl import build_model
+
+    mmoe = build_model(ROOT / "specs" / "mmoe.mtl", vocab_sizes=10)  # 8 experts 376 -> 256 -> 128, gates, towers
+    assert dense_macs(mmoe) == 8 * (376 * 256 + 256 * 128) + 2 * 376 * 8 + 2 * (128 * 8 + 8)
 
 
 def test_the_logit_stays_float32_under_bf16_autocast() -> None:

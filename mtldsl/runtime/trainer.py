@@ -71,6 +71,7 @@ HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False, "mse": False, "
 RESUMABLE = ("epochs", "patience", "device", "checkpoint_every", "precision")
 SPARSE_CHOICES = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16")  # Note [Mixed precision]
+BF16_AUTO_MACS = 32 << 10  # `auto` on a CPU: bf16 from this many dense multiply-adds per sample (measured crossover)
 SPARSE_AUTO_BYTES = 4 << 20  # `auto` turns sparse embedding updates on for a table at least this large
 # (Note [Sparse embedding updates]: measured crossover)
 
@@ -198,8 +199,12 @@ def resolve_device(name: str) -> torch.device:
 # bf16 where the device multiplies bf16 natively -- CUDA with bf16 support, or a CPU with AVX512-BF16
 # or AMX (measured on a 2-core AMD EPYC with AVX512-BF16: 4x the fp32 GEMM rate, MMoE trains 1.9x
 # faster with the same test AUC over 3 seeds; benchmarks/RESULTS.md) -- and float32 elsewhere, where
-# emulated bf16 would be slower. Tower.head computes each logit in float32 (layers.py), so outputs
-# keep full resolution for AUC. Exported models (export.py) are float32.
+# emulated bf16 would be slower. On a CPU, `auto` also wants BF16_AUTO_MACS dense multiply-adds per
+# sample: below that the casts cost more than the GEMMs save (measured, interleaved runs of the
+# trainer step: AITM, 26k, 0.87x in bf16; ESMM, 12k, 0.95x; the shipped 2-level PLE, 22k, 0.77x;
+# SharedBottom, 46k, 1.35x; single_task, 137k, 1.8x; MMoE, 1.04M, 1.9x). Tower.head computes each
+# logit in float32 (layers.py), so outputs keep full resolution for AUC. Exported models
+# (export.py) are float32.
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -210,11 +215,25 @@ def native_bf16(device: torch.device) -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` -> bf16 where native_bf16(device), else fp32; fp32 and bf16 as given (Note [Mixed precision])."""
+def dense_macs(model: nn.Module) -> int:
+    """Multiply-adds per sample of the model's dense layers: every nn.Linear weight and BatchedExperts' stacked
+    weights (the generated module's own copy of the class, hence matched by name)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel()
+        elif type(m).__name__ == "BatchedExperts":
+            total += sum(w.numel() for w in m.weights)
+    return total
+
+
+def resolve_precision(name: str, device: torch.device, macs: int) -> str:
+    """`auto` -> bf16 where native_bf16(device) (on a CPU, for a model of at least BF16_AUTO_MACS dense
+    multiply-adds per sample), else fp32; fp32 and bf16 as given (Note [Mixed precision])."""
     _choice("precision", name, PRECISIONS)
     if name == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        big_enough = device.type == "cuda" or macs >= BF16_AUTO_MACS
+        return "bf16" if big_enough and native_bf16(device) else "fp32"
     return name
 
 
@@ -866,8 +885,8 @@ class Trainer:
         self.objective = prepared.objective
         self.vocab = _vocab(prepared.cls, prepared.dataset.schema)
         self.sparse = _use_sparse(cfg, _table_bytes(prepared.cls, self.vocab), dist is not None)
-        self.precision = resolve_precision(cfg.precision, device)
         self.model = _instantiate(prepared.cls, self.vocab, cfg.seed, device, sparse_grad=self.sparse)
+        self.precision = resolve_precision(cfg.precision, device, dense_macs(self.model))
         self.net: nn.Module = self.model
         if dist is not None:  # broadcasts rank 0's parameters and buffers: every rank starts equal
             self.net = nn.parallel.DistributedDataParallel(
@@ -1336,7 +1355,7 @@ def load_run(run_dir: str | Path, *, data: str | None = None, data_dir: str | No
     model = prepared.cls(vocab, sparse_grad=False)
     model.load_state_dict(ckpt["model"])
     model.to(dev).eval()
-    return LoadedRun(run_dir, cfg, prepared, model, dev, ckpt, resolve_precision(cfg.precision, dev))
+    return LoadedRun(run_dir, cfg, prepared, model, dev, ckpt, resolve_precision(cfg.precision, dev, dense_macs(model)))
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, *, data_dir: str | None = None, rows: int | None = None,
