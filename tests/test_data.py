@@ -439,3 +439,67 @@ def test_batches_shuffle_is_seeded_and_drop_last() -> None:
     no_groups = Split(split.sparse, split.dense, split.labels, None)
     assert next(no_groups.batches(8, shuffle=True))["groups"] is None
     assert len(split) == 250 and len(split.take(torch.tensor([4, 2]))) == 2
+
+
+# --- Note [Streamed batches] --------------------------------------------------------------------------
+
+
+def _batches_equal(a: list[dict], b: list[dict]) -> bool:
+    def same(x: object, y: object) -> bool:
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if x is None or y is None:
+            return x is None and y is None
+        return torch.equal(x, y)  # type: ignore[arg-type]
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+def test_streamed_split_yields_the_resident_batches() -> None:
+    import dataclasses
+
+    from mtldsl.runtime.distributed import shard_batches
+
+    split = load_dataset("synthetic", rows=2000, seed=0).train
+    streamed = dataclasses.replace(split, stream_to=torch.device("cpu"))
+    assert streamed.nbytes == split.nbytes > 0
+    for shuffle in (False, True):
+        kw = dict(shuffle=shuffle, generator=torch.Generator().manual_seed(3))
+        a = list(split.batches(300, **kw))  # type: ignore[arg-type]
+        b = list(streamed.batches(300, shuffle=shuffle, generator=torch.Generator().manual_seed(3)))
+        assert len(a) == 6 and _batches_equal(a, b)
+    for rank in (0, 1):
+        a = list(shard_batches(split, 256, rank, 2, torch.Generator().manual_seed(1)))
+        b = list(shard_batches(streamed, 256, rank, 2, torch.Generator().manual_seed(1)))
+        assert a and _batches_equal(a, b)
+
+
+def test_data_moves_to_an_accelerator_only_when_it_fits() -> None:
+    from mtldsl.runtime.trainer import DEVICE_DATA_SHARE, data_fits
+
+    assert data_fits(10**15, torch.device("cpu"))  # host memory is where the rows already are
+    free = 1000
+    fits = int(DEVICE_DATA_SHARE * free)
+    assert data_fits(fits, torch.device("cuda"), free) and not data_fits(fits + 1, torch.device("cuda"), free)
+
+
+def test_training_on_streamed_batches_equals_resident_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtldsl.runtime import trainer
+
+    spec = Path(__file__).resolve().parents[1] / "specs" / "shared_bottom.mtl"
+    kw = dict(rows=1200, epochs=1, batch_size=256, seed=2, progress=False, device="cpu", precision="fp32")
+    resident = trainer.train(spec, out=tmp_path / "resident", **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(trainer, "data_fits", lambda nbytes, device, free=None: False)
+    delivered = []
+    deliver = Split._deliver
+
+    def counting(self: Split, t: torch.Tensor) -> torch.Tensor:
+        delivered.append(self.stream_to)
+        return deliver(self, t)
+
+    monkeypatch.setattr(Split, "_deliver", counting)
+    streamed = trainer.train(spec, out=tmp_path / "streamed", **kw)  # type: ignore[arg-type]
+    assert delivered and all(d == torch.device("cpu") for d in delivered)  # every batch went through the stream
+    a, b = resident.model.state_dict(), streamed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed.metrics["tasks"] == resident.metrics["tasks"]

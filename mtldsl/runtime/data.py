@@ -67,12 +67,44 @@ class Split:
     labels: dict[str, Tensor]  # float32 (N,) per label column
     groups: Tensor | None  # int64 (N,) user/search id for gAUC
     truth: dict[str, Tensor] | None = field(default=None, repr=False)  # synthetic only: see synthetic_truth
+    stream_to: torch.device | None = None  # rows stay here, batches go there (Note [Streamed batches])
 
     def __len__(self) -> int:
         return int(self.sparse.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows' tensors (what moving the split to a device would take there)."""
+        parts = [self.sparse, self.dense, *self.labels.values()] + ([self.groups] if self.groups is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def _deliver(self, t: Tensor) -> Tensor:
+        # Note [Streamed batches]: a split too large for its accelerator stays in host memory; each batch
+        # is gathered there, copied into pinned (page-locked) memory and sent with a non-blocking copy, so
+        # the host gathers batch k+1 while the device still computes batch k. Torch's caching host
+        # allocator keeps a pinned block alive until the copy reading it has finished.
+        if self.stream_to is None:
+            return t
+        if self.stream_to.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.stream_to, non_blocking=True)
+
+    def rows(self, index: Tensor | slice) -> dict[str, Tensor | dict[str, Tensor] | None]:
+        """One batch: {"sparse", "dense", "labels": {name: ...}, "groups"} of the rows at `index`
+        (an int64 tensor on the rows' device: gathered; a slice: views), on the batch device."""
+
+        def take(t: Tensor) -> Tensor:
+            return self._deliver(t[index] if isinstance(index, slice) else t.index_select(0, index))
+
+        return {
+            "sparse": take(self.sparse),
+            "dense": take(self.dense),
+            "labels": {k: take(v) for k, v in self.labels.items()},
+            "groups": None if self.groups is None else take(self.groups),
+        }
+
     def to(self, device: torch.device | str) -> Split:
-        """The same split on `device` (move once, before training, not per batch)."""
+        """The same split on `device` (move once, before training, not per batch); batches go there too."""
 
         def mv(t: Tensor) -> Tensor:
             return t.to(device, non_blocking=True)
@@ -97,6 +129,7 @@ class Split:
 
         With shuffle, one permutation per call (drawn from `generator`) and `index_select` per batch;
         without, plain slices (views, no copy). `groups` is None when the dataset has no group id.
+        Batches land on `stream_to` when it is set (Note [Streamed batches]).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -104,23 +137,11 @@ class Split:
         stop = n - n % batch_size if drop_last else n
         if not shuffle:
             for start in range(0, stop, batch_size):
-                end = min(start + batch_size, n)
-                yield {
-                    "sparse": self.sparse[start:end],
-                    "dense": self.dense[start:end],
-                    "labels": {k: v[start:end] for k, v in self.labels.items()},
-                    "groups": None if self.groups is None else self.groups[start:end],
-                }
+                yield self.rows(slice(start, min(start + batch_size, n)))
             return
         perm = torch.randperm(n, generator=generator).to(self.sparse.device)
         for start in range(0, stop, batch_size):
-            idx = perm[start : start + batch_size]
-            yield {
-                "sparse": self.sparse.index_select(0, idx),
-                "dense": self.dense.index_select(0, idx),
-                "labels": {k: v.index_select(0, idx) for k, v in self.labels.items()},
-                "groups": None if self.groups is None else self.groups.index_select(0, idx),
-            }
+            yield self.rows(perm[start : start + batch_size])
 
     def take(self, index: Tensor) -> Split:
         """The rows at `index` (int64), as a new split."""

@@ -179,16 +179,7 @@ def shard_batches(split: Any, batch_size: int, rank: int, world: int,
     step = batch_size * world
     full = n - n % step
     for start in range(0, full, step):
-        yield _rows(split, perm[start + rank * batch_size: start + (rank + 1) * batch_size])
+        yield split.rows(perm[start + rank * batch_size: start + (rank + 1) * batch_size])
     per = (n - full) // world
     if per > 0:
-        yield _rows(split, perm[full + rank * per: full + (rank + 1) * per])
-
-
-def _rows(split: Any, idx: Tensor) -> dict[str, Any]:
-    return {
-        "sparse": split.sparse.index_select(0, idx),
-        "dense": split.dense.index_select(0, idx),
-        "labels": {k: v.index_select(0, idx) for k, v in split.labels.items()},
-        "groups": None if split.groups is None else split.groups.index_select(0, idx),
-    }
+        yield split.rows(perm[full + rank * per: full + (rank + 1) * per])

@@ -72,6 +72,7 @@ RESUMABLE = ("epochs", "patience", "device", "checkpoint_every", "precision")
 SPARSE_CHOICES = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16")  # Note [Mixed precision]
 BF16_AUTO_MACS = 32 << 10  # `auto` on a CPU: bf16 from this many dense multiply-adds per sample (measured crossover)
+DEVICE_DATA_SHARE = 0.5  # splits move to an accelerator whole up to this share of its free memory, else stream
 SPARSE_AUTO_BYTES = 4 << 20  # `auto` turns sparse embedding updates on for a table at least this large
 # (Note [Sparse embedding updates]: measured crossover)
 
@@ -532,8 +533,8 @@ def _same_fields(a: Any, b: Any) -> bool:
     return (a.labels, a.sparse, a.dense, dict(a.groups)) == (b.labels, b.sparse, b.dense, dict(b.groups))
 
 
-def _cut(split: Any, cls: type, schema: Any, objective: Objective, device: torch.device) -> Any:
-    """The split with only the model's columns (selected once, here) and the label products, on `device`."""
+def _cut(split: Any, cls: type, schema: Any, objective: Objective) -> Any:
+    """The split with only the model's columns (selected once, here) and the label products (still on the host)."""
     from .data import Split
 
     def columns(matrix: Tensor, names: Sequence[str], fields: Sequence[str]) -> Tensor:
@@ -548,7 +549,24 @@ def _cut(split: Any, cls: type, schema: Any, objective: Objective, device: torch
         labels=objective.targets(split.labels),
         groups=split.groups,
     )
-    return cut.to(device)
+    return cut
+
+
+def data_fits(nbytes: int, device: torch.device, free: int | None = None) -> bool:
+    """Whether splits of `nbytes` may move to `device` whole (Note [Streamed batches]): always on a CPU; on an
+    accelerator when they take at most DEVICE_DATA_SHARE of its free memory (`free`, else asked of the device)."""
+    if device.type == "cpu":
+        return True
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0]
+    return nbytes <= DEVICE_DATA_SHARE * free
+
+
+def _place(splits: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the splits to `device` when they fit there, else leave them on the host, streaming batches to it."""
+    if data_fits(sum(split.nbytes for split in splits.values()), device):
+        return {name: split.to(device) for name, split in splits.items()}
+    return {name: replace(split, stream_to=device) for name, split in splits.items()}
 
 
 def _check_columns(cls: type, dataset: Any, source: str) -> None:
@@ -616,8 +634,8 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     module = load_module(source, f"mtldsl_{spec.model.name}")
     cls = getattr(module, class_name(spec.model.name))
     _check_columns(cls, dataset, dataset.source)
-    splits = {name: _cut(dataset.split(name), cls, dataset.schema, objective, device)
-              for name in ("train", "val", "test")}
+    splits = _place({name: _cut(dataset.split(name), cls, dataset.schema, objective)
+                     for name in ("train", "val", "test")}, device)
     return Prepared(spec, objective, source, cls, dataset, splits)
 
 
@@ -1266,6 +1284,10 @@ def _train(stack: contextlib.ExitStack, spec: str | Path | Checked, *, data: str
     elif trainer.progress:
         for note in prepared.dataset.notes:
             trainer.log(note)
+        if prepared.splits["train"].stream_to is not None:
+            nbytes = sum(split.nbytes for split in prepared.splits.values())
+            trainer.log(f"data: {nbytes / 2**30:.1f} GiB stay in host memory, batches stream to {trainer.device} "
+                        "through pinned buffers (Note [Streamed batches])")
         if trainer.sparse:
             trainer.log(f"embedding tables: sparse gradients, {type(trainer.optimizer.sparse).__name__} "
                         "(Note [Sparse embedding updates])")
