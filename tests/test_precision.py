@@ -12,7 +12,7 @@ from torch import nn
 
 from mtldsl.runtime import trainer
 from mtldsl.runtime.layers import BatchedExperts, Tower
-from mtldsl.runtime.trainer import BF16_AUTO_MACS, ConfigError, dense_macs, predict, resolve_precision, train
+from mtldsl.runtime.trainer import BF16_AUTO_MACS, ConfigError, dense_macs, evaluate, predict, resolve_precision, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BOTTOM = ROOT / "specs" / "shared_bottom.mtl"
@@ -73,6 +73,7 @@ def test_bf16_run_records_it_predicts_without_ties_and_resumes_in_fp32(tmp_path:
     assert run.metrics["train"]["precision"] == "bf16" and run.metrics["config"]["precision"] == "bf16"
     assert all(0.0 <= run.metrics["tasks"][k]["logloss"] < 1.0 for k in ("ctr", "cvr"))
     assert all(p.dtype == torch.float32 for p in run.model.parameters())  # weights stay float32
+    assert evaluate(run.run_dir, split="test", device="cpu").metrics == run.metrics["tasks"]  # evaluated in bf16 too
     preds = pd.read_parquet(predict(run.run_dir, tmp_path / "p.parquet", split="test", device="cpu"))
     # bf16 logits would leave at most a few hundred distinct probabilities (a step of 1/32 near logit -4)
     assert preds["ctr"].nunique() > 0.9 * len(preds), preds["ctr"].nunique()
