@@ -79,7 +79,7 @@ SOFT_KEYWORDS = frozenset({"_", "case", "match", "type"})
 # Classes a generated file defines or imports (runtime/layers.py's standalone part); the model's class
 # name must differ: a model named `gate` would become `class Gate` and shadow the layer.
 GENERATED_CLASSES = frozenset({"Tensor", "Module", "FusedEmbedding", "MLP", "BatchedExperts", "Gate", "Tower",
-                               "InfoTransfer"})
+                               "InfoTransfer", "_Lookup"})  # _Lookup: no spec name can make it, listed for the test
 
 BINARY_METRICS = ("auc", "gauc", "logloss")
 

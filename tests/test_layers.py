@@ -482,3 +482,25 @@ def test_onnx_export_matches_torch() -> None:
     session = ort.InferenceSession(buf.getvalue())
     (y,) = session.run(None, {"sparse": sparse[:4].numpy(), "dense": dense[:4].numpy()})
     assert_close(torch.from_numpy(y), model(sparse[:4], dense[:4]), )
+
+
+def test_fused_embedding_backward_equals_nn_embedding() -> None:
+    """Note [Embedding backward]: the index_add_ backward gives nn.Embedding's gradient, every time the same."""
+    torch.manual_seed(0)
+    emb = FusedEmbedding(vocab_sizes=(7, 3, 11), dim=4, sparse_columns=None, dense_columns=None, copies=2)
+    ids = torch.stack([torch.randint(0, v, (64,)) for v in (7, 3, 11)], dim=1)  # repeated rows on purpose
+    g = torch.randn(64, 2, 12)
+    grads = []
+    for training in (True, True, False):
+        emb.train(training)
+        emb.zero_grad(set_to_none=True)
+        out = emb(ids, None)
+        (out * g).sum().backward()
+        grads.append(emb.embedding.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])  # deterministic
+    assert torch.allclose(grads[0], grads[2], atol=1e-6)  # eval mode runs nn.Embedding's own backward
+    lookup = lambda: emb(ids, None).grad_fn.next_functions[0][0].name()  # noqa: E731  (under the flatten)
+    emb.train()
+    assert lookup() == "_LookupBackward"
+    emb.eval()
+    assert lookup() == "EmbeddingBackward0"  # aten's kernel outside training (and for export)
