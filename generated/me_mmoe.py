@@ -123,17 +123,21 @@ class FusedEmbedding(nn.Module):
         else:
             x = self.embedding(rows)
         x = x.flatten(-2)  # (B, F*dim) or (B, copies, F*dim)
-        if self.n_dense == 0:
-            return x
-        if dense is None:
-            raise ValueError(f"this table appends {self.n_dense} dense features: pass the dense matrix")
-        if self.dense_slice is not None:
-            d = dense[:, self.dense_slice[0]:self.dense_slice[1]]  # (B, n_dense)
-        else:
-            d = dense.index_select(1, self.dense_index)  # (B, n_dense)
-        if self.copies > 1:
-            d = d.unsqueeze(1).expand(-1, self.copies, -1)  # (B, copies, n_dense)
-        return torch.cat([x, d.to(x.dtype)], dim=-1)  # (..., F*dim + n_dense)
+        if self.n_dense > 0:
+            if dense is None:
+                raise ValueError(f"this table appends {self.n_dense} dense features: pass the dense matrix")
+            if self.dense_slice is not None:
+                d = dense[:, self.dense_slice[0]:self.dense_slice[1]]  # (B, n_dense)
+            else:
+                d = dense.index_select(1, self.dense_index)  # (B, n_dense)
+            if self.copies > 1:
+                d = d.unsqueeze(1).expand(-1, self.copies, -1)  # (B, copies, n_dense)
+            x = torch.cat([x, d.to(x.dtype)], dim=-1)  # (..., F*dim + n_dense)
+        if torch.is_autocast_enabled(x.device.type):
+            # Note [One cast per table]: autocast would cast this output once per reader (experts, every
+            # gate) and each gradient back; one cast here serves them all (PLE: 10 casts of 0.2 ms a step)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x
 
 
 class MLP(nn.Module):

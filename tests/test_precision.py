@@ -55,6 +55,35 @@ def test_dense_macs_counts_layer_weights_not_tables_or_vectors() -> None:
     assert dense_macs(mmoe) == 8 * (376 * 256 + 256 * 128) + 2 * 376 * 8 + 2 * (128 * 8 + 8)
 
 
+def test_a_table_output_is_cast_once_for_all_its_readers() -> None:
+    """Note [One cast per table]: under autocast the lookup is handed out in bf16 (one cast, one cast back)."""
+    from mtldsl.runtime.layers import FusedEmbedding
+
+    emb = FusedEmbedding(vocab_sizes=(5, 6), dim=4, sparse_columns=None, dense_columns=(0,))
+    ids, dense = torch.tensor([[1, 2], [4, 5]]), torch.tensor([[0.5], [2.0]])
+    assert emb(ids, dense).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = emb(ids, dense)
+        readers = nn.Linear(9, 3)(x).sum() + nn.Linear(9, 2)(x).sum()
+    assert x.dtype == torch.bfloat16
+    casts = [f for f in _graph(readers.grad_fn) if f.name() == "ToCopyBackward0"
+             and f.next_functions[0][0].name() != "torch::autograd::AccumulateGrad"]  # not the weights' casts
+    assert len(casts) == 1  # of the activations: one, not one per reader
+    readers.backward()
+    assert emb.embedding.weight.grad.dtype == torch.float32
+
+
+def _graph(fn: object) -> list:
+    seen, todo = [], [fn]
+    while todo:
+        f = todo.pop()
+        if f is None or any(f is g for g in seen):
+            continue
+        seen.append(f)
+        todo.extend(g for g, _ in f.next_functions)  # type: ignore[attr-defined]
+    return seen
+
+
 def test_the_logit_stays_float32_under_bf16_autocast() -> None:
     torch.manual_seed(0)
     tower = Tower(d_in=16, dims=(8,), batch_norm=True).eval()
