@@ -44,8 +44,8 @@ class _Lookup(torch.autograd.Function):
 
     Note [Embedding backward]: on a CPU, aten's embedding_dense_backward takes 740 us for one batch of
     1024 rows x 23 fields of a 2300 x 16 table, index_add_ into a fresh zero table 130 us (and 1.0 ms
-    against 1.3 ms at 262k rows, the largest table trained densely); for the small models that is a
-    quarter of a SharedBottom step. index_add_ is deterministic on a CPU; CUDA keeps aten's kernel
+    against 1.3 ms at 262k rows, the largest table trained densely). aten's kernel was a quarter of a
+    SharedBottom training step. index_add_ is deterministic on a CPU; CUDA keeps aten's kernel
     (its index_add_ uses atomics), as do sparse gradients, eval mode and export.
     """
 
