@@ -72,6 +72,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def autocast(precision: str):  # noqa: ANN201
+    """The trainer's bf16 autocast on the CPU for precision "bf16" (Note [Mixed precision]); a no-op for fp32.
+    Wraps both sides' work alike: ours for prediction (its trainer sets it for training), torch-rechub's for all."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def gemm_gflops(dtype) -> float:
     import torch
 
@@ -142,8 +150,7 @@ def run_ours(model: str, data: str, rows: int, batch: int, seed: int, threads: i
         sparse, dense = ds.test.sparse[:, cols].contiguous(), ds.test.dense[:, dcols].contiguous()
         net.eval()
         t = time.perf_counter()
-        bf16 = metrics["train"]["precision"] == "bf16"
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), autocast(metrics["train"]["precision"]):
             for i in range(0, len(sparse), batch):
                 net({"sparse": sparse[i:i + batch], "dense": dense[i:i + batch]})
         predict = len(sparse) / (time.perf_counter() - t)
@@ -210,17 +217,16 @@ def run_rechub(model: str, data: str, rows: int, batch: int, seed: int, threads:
         trainer = MTLTrainer(net, tasks + (["classification"] if model == "esmm" else []),
                              optimizer_params={"lr": 1e-3, "weight_decay": 0.0}, n_epoch=epochs,
                              earlystop_patience=epochs + 1, device="cpu", model_path=tmp)
-        bf16 = precision == "bf16"
         t = time.perf_counter()
         for _ in range(epochs):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with autocast(precision):
                 trainer.train_one_epoch(train_dl)
         train_sps = epochs * len(ytr) / (time.perf_counter() - t)
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(precision):
             trainer.predict(net, DataLoader(PredictDataset(xte), batch_size=batch))
         predict_sps = len(yte) / (time.perf_counter() - t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(precision):
             scores = trainer.evaluate(net, test_dl)
     auc = {"cvr": scores[0], "ctr": scores[1]} if model == "esmm" else {"ctr": scores[0], "cvr": scores[1]}
     return {"params": sum(p.numel() for p in net.parameters()), "train_sps": train_sps, "predict_sps": predict_sps,

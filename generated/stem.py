@@ -317,7 +317,7 @@ def mix(weights: Tensor, experts: Tensor) -> Tensor:
 class Tower(nn.Module):
     """MLP(d_in, dims) -> Linear(.., 1): the task logit (B,); hidden() and head() split it for AITM.
 
-    Note [Mixed precision]: under bf16 autocast every matmul rounds its output to 8 significant bits;
+    Note [Float32 logits]: under bf16 autocast every matmul rounds its output to 8 significant bits;
     for the logit that is a step of 1/32 at |logit| ~ 4 (a CVR of 2 %), enough to tie thousands of
     test rows and blur AUC. head() therefore leaves autocast and computes the logit (one dot product
     per row, no speed to gain) in float32; the GEMMs of experts and hidden layers, where the time
@@ -342,7 +342,7 @@ class Tower(nn.Module):
         return self.body(x)  # (B, dims[-1])
 
     def head(self, h: Tensor) -> Tensor:
-        """(B, dims[-1]) -> (B,) logit, always computed in float32 (Note [Mixed precision])."""
+        """(B, dims[-1]) -> (B,) logit, always computed in float32 (Note [Float32 logits])."""
         with torch.autocast(h.device.type, enabled=False):
             return self.out(h.float()).squeeze(-1)  # (B,)
 

@@ -1,5 +1,6 @@
 """Mixed precision (trainer Note [Mixed precision]): when `auto` picks bf16, that logits stay float32 under
-bf16 autocast, and that bf16 runs train, record their choice, predict without ties and resume."""
+bf16 autocast (layers Note [Float32 logits]), that a table casts its output once, and that bf16 runs
+train, record their choice, predict without ties and resume."""
 
 from __future__ import annotations
 

@@ -204,8 +204,9 @@ def resolve_device(name: str) -> torch.device:
 # sample: below that the casts cost more than the GEMMs save (measured, interleaved runs of the
 # trainer step: AITM, 26k, 0.87x in bf16; ESMM, 12k, 0.95x; the shipped 2-level PLE, 22k, 0.77x;
 # SharedBottom, 46k, 1.35x; single_task, 137k, 1.8x; MMoE, 1.04M, 1.9x). Tower.head computes each
-# logit in float32 (layers.py), so outputs keep full resolution for AUC. Exported models
-# (export.py) are float32.
+# logit in float32 (layers.py Note [Float32 logits]), so outputs keep full resolution for AUC, and an
+# embedding table casts its output once for all readers (Note [One cast per table]). Exported
+# models (export.py) are float32.
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -1146,8 +1147,8 @@ class Trainer:
 
 def _resume_config(saved: Mapping[str, Any], overrides: Mapping[str, Any], run_dir: Path) -> TrainConfig:
     # runs from before these settings: dense embedding updates, bf16 only on CUDA
-    cfg = TrainConfig(**{"sparse_embeddings": "off", "precision": "auto" if str(saved["device"]).startswith("cuda") else "fp32",
-                         **saved})
+    precision = "auto" if str(saved["device"]).startswith("cuda") else "fp32"
+    cfg = TrainConfig(**{"sparse_embeddings": "off", "precision": precision, **saved})
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None or value == getattr(cfg, key):
