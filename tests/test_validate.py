@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mtldsl import names
 from mtldsl import validate as v
 from mtldsl.diagnostics import Severity, render_all
 from mtldsl.graph import build_graph
@@ -101,7 +102,7 @@ MMOE = """
 
 @pytest.mark.parametrize("name", ["ctr", "g_ctr", "x", "a1_b2", "experts_shared", "e" * 64])
 def test_valid_names(name: str) -> None:
-    assert v.name_problem(name) is None
+    assert names.name_problem(name) is None
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -118,7 +119,7 @@ def test_valid_names(name: str) -> None:
     ("own", "is a word of the language"), ("mean", "is a word of the language"),
 ])
 def test_invalid_names(name: str, reason: str) -> None:
-    problem = v.name_problem(name)
+    problem = names.name_problem(name)
     assert problem is not None and problem[0].startswith(reason)
 
 
@@ -126,7 +127,7 @@ def test_module_attributes_are_current() -> None:
     """The hard-coded set covers every public attribute of this torch's nn.Module."""
     torch = pytest.importorskip("torch")
     public = {n for n in dir(torch.nn.Module()) if not n.startswith("_")}
-    missing = sorted(n for n in public if n not in v.NN_MODULE_ATTRIBUTES and not n.startswith(v.NN_MODULE_PREFIXES))
+    missing = sorted(n for n in public if n not in names.NN_MODULE_ATTRIBUTES and not n.startswith(names.NN_MODULE_PREFIXES))
     assert not missing, f"add to NN_MODULE_ATTRIBUTES: {missing}"
 
 
@@ -158,7 +159,7 @@ def test_model_class_name_must_not_shadow_generated_classes() -> None:
 
 def test_local_prefix_applies_to_instances_not_to_the_model() -> None:
     """`h` per task makes `h_ctr`, the generated name of the ctr tower's input; a model may be called h_x."""
-    assert v.name_problem("h_x", local=False) is None
+    assert names.name_problem("h_x", local=False) is None
     per_task_h = MMOE.replace("experts experts {", "experts h per task {").replace("mix experts", "mix h")
     checked = check(per_task_h)
     assert messages(checked) == ["expert group 'h' makes an instance named 'h_ctr', which starts with 'h_', "
@@ -177,16 +178,18 @@ def test_reserved_names_cover_the_generated_module() -> None:
     """Every name runtime/layers.py's standalone part defines is reserved (classes for the model's class name)."""
     import ast
 
-    from mtldsl.codegen import class_name, standalone_layers
+    from mtldsl.codegen import CodegenError, class_name, standalone_layers
 
     tree = ast.parse(standalone_layers())
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
-            assert node.name in v.GENERATED_CLASSES, node.name
+            assert node.name in names.GENERATED_CLASSES, node.name
         elif isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-            assert v.name_problem(node.name) is not None, node.name
-    for name in ("me_mmoe", "stem", "a__b", "x_"):
-        assert v.class_name(name) == class_name(name)
+            assert names.name_problem(node.name) is not None, node.name
+    for name in ("me_mmoe", "stem", "a_b2", "x_"):
+        assert names.class_name(name) == class_name(name)
+    with pytest.raises(CodegenError):  # codegen re-checks the model name (Note [Safe names])
+        class_name("a__b")
 
 
 def test_empty_embedding_is_reported() -> None:
