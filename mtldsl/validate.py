@@ -31,11 +31,10 @@ import networkx as nx
 from . import syntax as s
 from .diagnostics import NOWHERE, Diagnostic, SourceFile, Span, did_you_mean, error, sort_key, warning
 from .graph import grad_reach, input_width, node_id
-from .ir import METRICS, Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, Output, TaskKind, Tower, Transfer
+from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, Output, TaskKind, Tower, Transfer
 from .names import GENERATED_CLASSES, class_name, name_problem
 from .parser import parse_text
-
-BINARY_METRICS = ("auc", "gauc", "logloss")
+from .vocab import MonitorProblem, parse_monitor
 
 # --------------------------------------------------------------------------------------------
 # Locating names in the source
@@ -904,35 +903,17 @@ def check_gradients(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
 
 
 def check_train(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
-    """`monitor` is `<task or output>.<metric>` or `mean.<metric>`, metric one of ir.METRICS; auc, gauc and
-    logloss need a binary output (an explicit `mean.auc` needs at least one). lower() checks the rest."""
+    """The `monitor` as the trainer will read it (vocab.parse_monitor): `<output>.<metric>` or `mean.<metric>`
+    with a metric the output has. The default, mean.auc, is not the user's choice and is not checked: the
+    trainer averages over the outputs that have the metric. lower() checks the other settings."""
     at = _at(model, at)
     out = _out(at)
-    monitor = model.train.monitor
-    if at.spec is not None and not at.monitor_props():
-        return []  # the default, mean.auc: the trainer averages over the outputs that have the metric
-    span = at.monitor_span()
-    kinds = {o.name: o.kind for o in model.outputs}
-    target, dot, metric = monitor.rpartition(".")
-    if not dot or not target:
-        out.error(f"monitor '{monitor}' names no metric", span,
-                  f"write `<output>.<metric>`, e.g. '{monitor}.auc'" if monitor in kinds else
-                  "write `<output>.<metric>` or `mean.<metric>`, e.g. 'mean.auc'")
-        return out.items
-    if target != "mean" and target not in kinds:
-        out.error(f"monitor '{monitor}' names unknown output '{target}'", span,
-                  did_you_mean(target, [*kinds, "mean"]) or "outputs: " + _quoted(kinds))
-    if metric not in METRICS:
-        out.error(f"monitor '{monitor}' names unknown metric '{metric}'", span,
-                  did_you_mean(metric, METRICS) or "metrics: " + ", ".join(METRICS))
-        return out.items
-    if metric in BINARY_METRICS:
-        if target in kinds and kinds[target] is TaskKind.regression:
-            out.error(f"monitor '{monitor}': {metric} needs a binary output, and '{target}' is regression", span,
-                      f"monitor '{target}.mse' or '{target}.mae'")
-        elif target == "mean" and kinds and all(k is TaskKind.regression for k in kinds.values()):
-            out.error(f"monitor '{monitor}': {metric} needs a binary output, and every output is regression", span,
-                      "monitor 'mean.mse' or 'mean.mae'")
+    span = model.train.monitor_span
+    if span is None:
+        return []
+    found = parse_monitor(model.train.monitor, {o.name: o.kind for o in model.outputs})
+    if isinstance(found, MonitorProblem):
+        out.error(found.message, span, found.hint)
     return out.items
 
 

@@ -9,6 +9,7 @@ import pytest
 from mtldsl import syntax as s
 from mtldsl.diagnostics import Diagnostic, Span
 from mtldsl.parser import _lark, parse_file, parse_text
+from mtldsl.vocab import TaskKind
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -97,10 +98,10 @@ RULES: list[tuple[str, tuple[s.Item, ...]]] = [
     ('model m "raw\ttab, CR\r, NUL\x00 are themselves"', (s.ModelDecl("m", "raw\ttab, CR\r, NUL\x00 are themselves"),)),
     ("data synthetic", (s.DataDecl("synthetic"),)),
     ('data "data/ali ccp"', (s.DataDecl("data/ali ccp", is_path=True),)),
-    ("task ctr binary label click", (s.TaskDecl("ctr", "binary", L("click")),)),
+    ("task ctr binary label click", (s.TaskDecl("ctr", TaskKind.binary, L("click")),)),
     (
         'task t regression label "101" * b where c * "d"',
-        (s.TaskDecl("t", "regression", L(Q("101"), "b"), L("c", Q("d"))),),
+        (s.TaskDecl("t", TaskKind.regression, L(Q("101"), "b"), L("c", Q("d"))),),
     ),
     ("output ctcvr = ctr * cvr", (s.OutputDecl("ctcvr", (N("ctr"), N("cvr"))),)),
     (

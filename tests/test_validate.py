@@ -13,7 +13,8 @@ from mtldsl import names
 from mtldsl import validate as v
 from mtldsl.diagnostics import Severity, render_all
 from mtldsl.graph import build_graph
-from mtldsl.ir import lower
+from mtldsl.lower import lower
+from mtldsl.pipeline import resolve_schema
 from mtldsl.parser import parse_text
 from mtldsl.pipeline import Checked, check_text
 
@@ -68,7 +69,9 @@ def test_shipped_spec_is_clean(spec: Path) -> None:
 def test_validate_without_source(spec: Path) -> None:
     """Without the source text the checks fall back to IR spans and still find nothing."""
     parsed = parse_text(spec.read_text(encoding="utf-8"))
-    model, diags = lower(parsed)
+    schema, problems = resolve_schema(parsed)
+    model, diags = lower(parsed, schema)
+    assert not problems
     assert not diags
     assert v.validate(model, build_graph(model), None) == []
 
