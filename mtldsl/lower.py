@@ -340,7 +340,8 @@ class Lowering:
         """The naming fields of one instance of a block declaration (ir._Block)."""
         task_ref = node.owner.task if node.owner is not None else None
         return dict(name=self.instance(node.name, self.decls[node.name], owner, level), decl_name=node.name,
-                    owner=owner, per_task=self.decls[node.name].per_task, name_span=node.name_span,
+                    owner=owner, per_task=node.owner is not None and node.owner.kind is s.OwnerKind.per_task,
+                    name_span=node.name_span,
                     owner_span=task_ref.span if task_ref is not None else node.name_span)
 
     def resolve(self, ref: s.NameRef, consumer: str | None, level: int) -> str:
