@@ -18,7 +18,8 @@ import networkx as nx
 
 from . import __version__, names
 from .graph import input_width, producer_id
-from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, TaskKind
+from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model
+from .vocab import TaskKind
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"

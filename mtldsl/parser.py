@@ -120,7 +120,7 @@ class _ToSyntax(Transformer):
     def loss_decl(self, meta, c):
         props: dict[str, object] = {}
         for key, value in c[1:]:
-            props[key] = value  # a repeated property keeps the last; validate.py reports repeats
+            props[key] = value  # a repeated property keeps the last (nothing reports the repeat yet)
         weight = props.get("weight")
         return s.LossDecl(
             c[0],

@@ -112,7 +112,7 @@ RULES: list[tuple[str, tuple[s.Item, ...]]] = [
     ("loss ctr weight 2", (s.LossDecl(N("ctr"), 2),)),
     ("loss ctr weight 0.5", (s.LossDecl(N("ctr"), 0.5),)),
     ("loss ctr where c label a * b weight 1.0", (s.LossDecl(N("ctr"), 1.0, L("a", "b"), L("c")),)),
-    ("loss ctr weight 1 weight 3", (s.LossDecl(N("ctr"), 3),)),  # the last wins; validate.py reports repeats
+    ("loss ctr weight 1 weight 3", (s.LossDecl(N("ctr"), 3),)),  # the last wins (nothing reports the repeat yet)
     ("embedding e { }", (s.EmbeddingDecl("e", None, ()),)),
     ("embedding e shared { dim 16 }", (s.EmbeddingDecl("e", SHARED, (P("dim", 16),)),)),
     (

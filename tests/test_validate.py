@@ -348,3 +348,12 @@ def test_checks_run_on_model_and_graph_alone() -> None:
     assert [d.message for d in found] == ["gate 'g' mixes unknown expert group 'exprts'",
                                           "gate 'g' mixes unknown expert group 'exprts'"]
     assert [(d.span.line, d.span.column) for d in found] == [(7, 34)] * 2  # `exprts`: the IR knows where
+
+
+def test_ir_equality_ignores_spans() -> None:
+    """Note [Spans in the IR]: the same spec laid out differently lowers to equal models."""
+    a, b = check(MMOE).model, check("\n\n" + MMOE.replace("  ", " ")).model
+    assert a is not None and b is not None
+    assert a == b and hash(a) == hash(b)
+    assert a.tasks[0].name_span != b.tasks[0].name_span
+    assert a.gates[0].input.written[0].span != b.gates[0].input.written[0].span
