@@ -179,7 +179,7 @@ class Lowering:
             inp = self.block_input(props, owner, level, g.span, what,
                                    "add `input <embedding>` (what the gate's softmax reads)")
             routes = [route for r in g.routes for route in self.route(r, owner, level)]
-            if level and level == self.levels > 1 and owner is None:
+            if owner is None and self.levels > 1 and level == self.levels:
                 continue  # final-level shared gate: no consumer, not built (docs/language.md, Levels)
             self.gates.append(Gate(**self.block_names(g, owner, level), input=inp, routes=tuple(routes), mlp=mlp,
                                    level=level, written_routes=len(g.routes), span=g.span))

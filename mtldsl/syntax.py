@@ -2,7 +2,8 @@
 
 Nodes mirror the text and resolve nothing. Spans are `compare=False`, so two trees parsed from
 differently formatted texts compare equal (the printer round-trip relies on it). A declaration's
-`span` starts at its keyword; `name_span` is where its name is written, a reference is a NameRef.
+`span` starts at its keyword (a DataDecl's is its source); `name_span` is where its name is written,
+and a reference to a declared name is a NameRef with its own span.
 """
 
 from __future__ import annotations

@@ -83,6 +83,19 @@ def test_spans_are_one_based_and_end_exclusive() -> None:
     assert route.group.span == Span(5, 7, 5, 14)
 
 
+def test_declared_names_and_train_values_have_their_own_spans() -> None:
+    """What validate.py points at (Note [Spans in the IR]): the name of a declaration, a train value."""
+    spec = parse(SPANNED + "output o = ctr * cvr\nembedding emb { dim 8 }\nexperts x {}\ntrain { monitor  ctr.auc }\n")
+    model, task, gate, output, emb, experts, train = spec.items
+    assert isinstance(model, s.ModelDecl) and model.name_span == Span(1, 7, 1, 8)
+    assert isinstance(task, s.TaskDecl) and task.name_span == Span(2, 6, 2, 9)
+    assert isinstance(gate, s.GateDecl) and gate.name_span == Span(3, 6, 3, 7)
+    assert isinstance(output, s.OutputDecl) and output.name_span == Span(7, 8, 7, 9)
+    assert isinstance(emb, s.EmbeddingDecl) and emb.name_span == Span(8, 11, 8, 14)
+    assert isinstance(experts, s.ExpertsDecl) and experts.name_span == Span(9, 9, 9, 10)
+    assert isinstance(train, s.TrainDecl) and train.props[0].value_span == Span(10, 18, 10, 25)
+
+
 def test_spans_count_tabs_as_one_column() -> None:
     task = parse("\ttask ctr binary label click").items[0]
     assert isinstance(task, s.TaskDecl)
