@@ -137,7 +137,8 @@ def check_names(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """Every name that reaches generated code is safe (Note [Safe names]).
 
     Checked: the model name (also as a class name), tasks, derived outputs, declared block names and
-    the instance names they make (`state` per task with a task `dict` makes `state_dict`), tower names.
+    the instance names they make (`state` per task with a task `dict` makes `state_dict`), tower names and
+    transfer module names (`transfer_<src>_<dst>`): codegen's `ident` refuses what is not checked here.
     An instance is checked only when its parts are valid, so one bad name gives one error. The model's
     doc may be any text: codegen writes it with repr() (tests/test_codegen.py checks escapes).
     """
