@@ -9,41 +9,43 @@ no absolute paths, declarations in spec order, floats via repr.
 from __future__ import annotations
 
 import hashlib
-import keyword
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 import networkx as nx
 
-from . import __version__, validate
+from . import __version__, names
 from .graph import input_width, producer_id
-from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, TaskKind
+from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model
+from .vocab import TaskKind
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
 LAYERS = Path(__file__).resolve().parent / "runtime" / "layers.py"
 BEGIN = "# mtldsl:standalone begin (from mtldsl/runtime/layers.py)"
 END = "# mtldsl:standalone end"
-IDENT = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
 class CodegenError(Exception):
     """A name or value that must never reach generated code (validate.py should have caught it)."""
 
 
-def ident(name: str) -> str:
-    """The one template filter: re-check every name placed into code."""
-    if not isinstance(name, str) or not IDENT.match(name) or keyword.iskeyword(name) or keyword.issoftkeyword(name):
+def ident(name: str, local: bool = False) -> str:
+    """The one template filter: re-check every name placed into code with names.name_problem (Note [Safe names]).
+
+    The template sees final names, generated ones included (`h_ctr`, `tower_ctr`), so it checks them as
+    attributes; the builder below passes `local=True` for the spec's names that forward() binds.
+    """
+    if not isinstance(name, str) or names.name_problem(name, local) is not None:
         raise CodegenError(f"refusing to emit {name!r} as a Python identifier")
     return name
 
 
 def class_name(model_name: str) -> str:
-    """The generated class: validate.class_name's spelling (one rule, so the collision check sees it) of a checked name."""
-    return validate.class_name(ident(model_name))
+    """The generated class: names.class_name's spelling (one rule, so the collision check sees it) of a checked name."""
+    return names.class_name(ident(model_name))
 
 
 def standalone_layers() -> str:
@@ -110,10 +112,10 @@ class _Builder:
         """How a reader sees block `name`: (B, d), except a copied table read by a matching group."""
         block = self.m.block(name)
         if isinstance(block, EmbeddingTable) and block.copies > 1:
-            return ident(name) if reader_count == block.copies else f"{ident(name)}.sum(dim=1)"
+            return ident(name, True) if reader_count == block.copies else f"{ident(name, True)}.sum(dim=1)"
         if isinstance(block, ExpertGroup):
-            return f"{ident(name)}.squeeze(1)"
-        return ident(name)
+            return f"{ident(name, True)}.squeeze(1)"
+        return ident(name, True)
 
     def input(self, inp: Input, reader_count: int | None = None) -> str:
         parts = [self.ref(r, reader_count) for r in inp.refs]
@@ -135,7 +137,7 @@ class _Builder:
         dcols = tuple(self.dcol[f] for f in e.dense)
         vocab = "v" if all_cols else "[v[i] for i in " + _tuple(cols) + "]"
         self.attrs.append(Attr(
-            ident(e.name),
+            ident(e.name, True),
             f"FusedEmbedding(vocab_sizes={vocab}, dim={e.dim}, sparse_columns={None if all_cols else _tuple(cols)}, "
             f"dense_columns={_tuple(dcols) if dcols else None}, copies={e.copies}, sparse_grad=sparse_grad)",
             f"{len(e.fields)} fields x {e.dim}" + (f" + {len(e.dense)} dense" if e.dense else "")
@@ -143,19 +145,19 @@ class _Builder:
         ))
         shape = f"(B, {e.copies}, {e.width})" if e.copies > 1 else f"(B, {e.width})"
         dense = "dense" if dcols else "None"
-        self.stmts.append(Stmt(ident(e.name), f"self.{ident(e.name)}(sparse, {dense})", shape))
+        self.stmts.append(Stmt(ident(e.name, True), f"self.{ident(e.name, True)}(sparse, {dense})", shape))
 
     def experts(self, x: ExpertGroup) -> None:
         ref = self.m.block(x.input.refs[0]) if len(x.input.refs) == 1 else None
         per_copy = isinstance(ref, EmbeddingTable) and ref.copies > 1 and ref.copies == x.count
         d_in = self.input_width(x.input)
         self.attrs.append(Attr(
-            ident(x.name),
+            ident(x.name, True),
             f"BatchedExperts(n={x.count}, d_in={d_in}, dims={_tuple(x.mlp.dims)}, activation={x.mlp.activation!r}, "
             f"dropout={x.mlp.dropout!r}, batch_norm={x.mlp.batch_norm})",
             f"{x.count} x MLP {d_in} -> " + " -> ".join(map(str, x.mlp.dims)) + (", one copy each" if per_copy else ""),
         ))
-        self.stmts.append(Stmt(ident(x.name), f"self.{ident(x.name)}({self.input(x.input, x.count)})",
+        self.stmts.append(Stmt(ident(x.name, True), f"self.{ident(x.name, True)}({self.input(x.input, x.count)})",
                                f"(B, {x.count}, {x.mlp.dims[-1]})"))
 
     def gate(self, gate: Gate) -> None:
@@ -164,20 +166,20 @@ class _Builder:
             group = self.m.block(r.group)
             assert isinstance(group, ExpertGroup)
             n += group.count
-            parts.append(ident(r.group) + ("" if r.backward else ".detach()"))
+            parts.append(ident(r.group, True) + ("" if r.backward else ".detach()"))
             if not r.backward:
                 notes.append(f"{r.group} forward only")
         d_in = self.input_width(gate.input)
         d_out = self.width(gate.name)
         self.attrs.append(Attr(
-            ident(gate.name),
+            ident(gate.name, True),
             f"Gate(d_in={d_in}, n_experts={n}, dims={_tuple(gate.mlp.dims)}, activation={gate.mlp.activation!r}, "
             f"dropout={gate.mlp.dropout!r}, batch_norm={gate.mlp.batch_norm})",
             f"softmax over {n} experts",
         ))
         mixed = parts[0] if len(parts) == 1 else "torch.cat([" + ", ".join(parts) + "], dim=1)"
         comment = f"(B, {d_out})" + (f"  {gate.name}: " + ", ".join(notes) if notes else "")
-        self.stmts.append(Stmt(ident(gate.name), f"mix(self.{ident(gate.name)}({self.input(gate.input)}), {mixed})",
+        self.stmts.append(Stmt(ident(gate.name, True), f"mix(self.{ident(gate.name, True)}({self.input(gate.input)}), {mixed})",
                                comment))
 
     def build(self) -> None:
@@ -201,15 +203,15 @@ class _Builder:
         for t in self.m.towers:
             expr = self.input(t.input)
             if t.task in transferred or not expr.isidentifier():
-                self.stmts.append(Stmt(f"h_{ident(t.task)}", expr, f"(B, {self.input_width(t.input)})"))
-                expr = f"h_{ident(t.task)}"
+                self.stmts.append(Stmt(f"h_{ident(t.task, True)}", expr, f"(B, {self.input_width(t.input)})"))
+                expr = f"h_{ident(t.task, True)}"
             h[t.task] = expr
         for tr in self.m.transfers:
-            name = f"transfer_{ident(tr.source)}_{ident(tr.target)}"
+            name = f"transfer_{ident(tr.source, True)}_{ident(tr.target, True)}"
             w = self.input_width(towers[tr.target].input)
             self.attrs.append(Attr(name, f"InfoTransfer(dim={w})", f"{tr.source} -> {tr.target} attention"))
-            self.stmts.append(Stmt(f"h_{ident(tr.target)}",
-                                   f"self.{name}(h_{ident(tr.target)}, h_{ident(tr.source)})", f"(B, {w})"))
+            self.stmts.append(Stmt(f"h_{ident(tr.target, True)}",
+                                   f"self.{name}(h_{ident(tr.target, True)}, h_{ident(tr.source, True)})", f"(B, {w})"))
         kinds = {t.name: t.kind for t in self.m.tasks}
         for t in self.m.towers:
             w = self.input_width(t.input)
@@ -221,10 +223,10 @@ class _Builder:
             ))
             logit = f"self.{ident(t.name)}({h[t.task]})"
             binary = kinds.get(t.task) is TaskKind.binary
-            self.stmts.append(Stmt(ident(t.task), f"torch.sigmoid({logit})" if binary else logit, "(B,)"))
+            self.stmts.append(Stmt(ident(t.task, True), f"torch.sigmoid({logit})" if binary else logit, "(B,)"))
         for o in self.m.outputs:
             if o.factors:
-                self.stmts.append(Stmt(ident(o.name), " * ".join(ident(f) for f in o.factors), "(B,)"))
+                self.stmts.append(Stmt(ident(o.name, True), " * ".join(ident(f, True) for f in o.factors), "(B,)"))
 
 
 def _describe(model: Model) -> str:
@@ -269,7 +271,7 @@ def view(model: Model, graph: nx.DiGraph, spec_text: str) -> View:
               "Do not edit: change the spec and recompile.")
     col = max((n for s in b.stmts if (n := len(s.target) + len(s.expr) + 3) <= 72), default=0)
     stmts = [Stmt(s.target, s.expr, s.comment, " " * max(col - len(s.target) - len(s.expr) - 3, 0)) for s in b.stmts]
-    returns = "{" + ", ".join(f"{o.name!r}: {ident(o.name)}" for o in model.outputs) + "}"
+    returns = "{" + ", ".join(f"{o.name!r}: {ident(o.name, True)}" for o in model.outputs) + "}"
     return View(
         header="".join(c if c.isprintable() else "?" for c in header),  # a path cannot break out of the comment
         docstring=repr(_describe(model)),

@@ -1,7 +1,8 @@
 """Parse .mtl text into a positioned syntax.Spec, or into Diagnostics for a syntax error.
 
 The grammar is grammars/mtl.lark (LALR, contextual lexer). Lark's exceptions never escape:
-`parse_text` returns a Spec or a list of Diagnostics with the expected tokens as the hint.
+`parse_text` returns a Spec or a list of Diagnostics with the expected tokens as the hint. The LALR
+parser reports the end of the text as an UnexpectedToken `$END` (only Earley raises UnexpectedEOF).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import re
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import syntax as s
 from .diagnostics import Diagnostic, SourceFile, Span, did_you_mean, error
+from .vocab import TaskKind
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAMMAR = ROOT / "grammars" / "mtl.lark"
@@ -61,7 +63,7 @@ class _ToSyntax(Transformer):
         return s.Spec(tuple(items), _span(meta))
 
     def model_decl(self, meta, c):
-        return s.ModelDecl(str(c[0]), _unquote(c[1]) if len(c) > 1 else None, _span(meta))
+        return s.ModelDecl(str(c[0]), _unquote(c[1]) if len(c) > 1 else None, _span(meta), _span(c[0]))
 
     def data_decl(self, meta, c):
         return c[0]
@@ -91,20 +93,20 @@ class _ToSyntax(Transformer):
         return ("where", c[0])
 
     def binary(self, meta, c):
-        return "binary"
+        return TaskKind.binary
 
     def regression(self, meta, c):
-        return "regression"
+        return TaskKind.regression
 
     def task_decl(self, meta, c):
         where = c[3][1] if len(c) > 3 else None
-        return s.TaskDecl(str(c[0]), c[1], c[2], where, _span(meta))
+        return s.TaskDecl(str(c[0]), c[1], c[2], where, _span(meta), _span(c[0]))
 
     def output_decl(self, meta, c):
         factors = tuple(x for x in c[1:] if isinstance(x, s.NameRef))
         label = next((x for x in c[1:] if isinstance(x, s.LabelExpr)), None)
         where = next((x[1] for x in c[1:] if isinstance(x, tuple)), None)
-        return s.OutputDecl(str(c[0]), factors, label, where, _span(meta))
+        return s.OutputDecl(str(c[0]), factors, label, where, _span(meta), _span(c[0]))
 
     def loss_weight(self, meta, c):
         return ("weight", c[0])
@@ -118,7 +120,7 @@ class _ToSyntax(Transformer):
     def loss_decl(self, meta, c):
         props: dict[str, object] = {}
         for key, value in c[1:]:
-            props[key] = value  # a repeated property keeps the last; validate.py reports repeats
+            props[key] = value  # a repeated property keeps the last (nothing reports the repeat yet)
         weight = props.get("weight")
         return s.LossDecl(
             c[0],
@@ -183,8 +185,8 @@ class _ToSyntax(Transformer):
             props = tuple(x for x in rest if isinstance(x, s.Prop))
             if cls is s.GateDecl:
                 routes = tuple(x for x in rest if isinstance(x, s.RouteDecl))
-                return s.GateDecl(str(c[0]), owner, props, routes, _span(meta))
-            return cls(str(c[0]), owner, props, _span(meta))
+                return s.GateDecl(str(c[0]), owner, props, routes, _span(meta), _span(c[0]))
+            return cls(str(c[0]), owner, props, _span(meta), _span(c[0]))
 
         return method
 
@@ -228,19 +230,21 @@ class _ToSyntax(Transformer):
         return s.TrainDecl(tuple(c), _span(meta))
 
     def train_prop(self, meta, c):
-        return s.Prop(str(c[0]), c[1], _span(meta))
+        value, value_span = c[1]
+        return s.Prop(str(c[0]), value, _span(meta), value_span)
 
+    # A train value comes with its own span: validate.py points at the monitor's value.
     def value_number(self, meta, c):
-        return _number(c[0])
+        return _number(c[0]), _span(c[0])
 
     def value_name(self, meta, c):
-        return str(c[0])
+        return str(c[0]), _span(c[0])
 
     def value_string(self, meta, c):
-        return _unquote(c[0])
+        return _unquote(c[0]), _span(c[0])
 
     def value_bool(self, meta, c):
-        return str(c[0]) == "true"
+        return str(c[0]) == "true", _span(c[0])
 
 
 # Human names for terminals in "expected ..." hints.
@@ -248,7 +252,7 @@ _TOKEN_NAMES = {
     "NAME": "a name", "STRING": "a string", "INT": "an integer", "FLOAT": "a number", "DOTTED": "a dotted name",
     "BOOL": "true or false", "FLAG": "forward or backward",
     "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "LPAR": "'('", "RPAR": "')'",
-    "COMMA": "','", "STAR": "'*'", "EQUAL": "'='", "__ANON_0": "'->'", "MORETHAN": "'>'",
+    "COMMA": "','", "STAR": "'*'", "EQUAL": "'='", "__ANON_0": "'->'",
 }
 
 
@@ -323,8 +327,6 @@ def _syntax_error(exc: UnexpectedInput, src: SourceFile) -> Diagnostic:
         expected = _accepted(exc)
         hint = _KNOWN_MISTAKES.get(str(tok)) or _misspelled(str(tok), expected) or _expected(expected)
         return error(f"unexpected {str(tok)!r}", span, hint, src)
-    if isinstance(exc, UnexpectedEOF):
-        return error("unexpected end of file", _eof_span(src.text), _expected(set(exc.expected)), src)
     return error(str(exc).splitlines()[0], Span(exc.line, exc.column, exc.line, exc.column + 1), None, src)
 
 

@@ -1,5 +1,7 @@
 """The front half of the compiler as one call: text -> syntax -> IR -> graph -> diagnostics.
 
+Takes a spec's text (or path) and optionally its dataset's schema; gives a Checked. The one disk read
+besides the spec is here: the schema of the spec's `data` when none is given (lower.py does no I/O).
 No torch here: `mtldsl check` and `mtldsl compile` go through this module only.
 """
 
@@ -10,12 +12,13 @@ from pathlib import Path
 
 import networkx as nx
 
-from .catalog import Schema
-from .diagnostics import Diagnostic, SourceFile, SpecError, sort_key
+from .catalog import Schema, schema_for
+from .diagnostics import NOWHERE, Diagnostic, SourceFile, SpecError, error, sort_key
 from .graph import build_graph
-from .ir import Model, lower
+from .ir import Model
+from .lower import DEFAULT_DATA, lower
 from .parser import parse_text
-from .syntax import Spec
+from .syntax import DataDecl, Spec
 from .validate import validate
 
 
@@ -43,12 +46,26 @@ def _attach(diags: list[Diagnostic], src: SourceFile) -> tuple[Diagnostic, ...]:
     return tuple(sorted(fixed, key=sort_key))
 
 
+def resolve_schema(spec: Spec, data_dir: str | None = None) -> tuple[Schema | None, list[Diagnostic]]:
+    """The schema of the spec's (first) `data` source, or None and why not, said at the `data` line."""
+    decl = next((i for i in spec.items if isinstance(i, DataDecl)), None)
+    source = decl.source if decl else DEFAULT_DATA
+    try:
+        return schema_for(source, data_dir), []
+    except Exception as exc:  # unknown dataset or unreadable folder
+        return None, [error(f"cannot read the schema of dataset '{source}': {exc}", decl.span if decl else NOWHERE)]
+
+
 def check_text(text: str, path: str = "<spec>", schema: Schema | None = None, data_dir: str | None = None) -> Checked:
     src = SourceFile(path, text)
     parsed = parse_text(text, path)
     if not isinstance(parsed, Spec):
         return Checked(src, None, None, None, _attach(list(parsed), src))
-    model, diags = lower(parsed, src, schema=schema, data_dir=data_dir)
+    diags: list[Diagnostic] = []
+    if schema is None:
+        schema, diags = resolve_schema(parsed, data_dir)
+    model, lowered = lower(parsed, schema, path)
+    diags += lowered
     graph = build_graph(model)
     diags = diags + validate(model, graph, src)
     return Checked(src, parsed, model, graph, _attach(diags, src))

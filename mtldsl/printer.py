@@ -30,6 +30,7 @@ from typing import assert_never
 from . import syntax as s
 from .diagnostics import SpecError
 from .parser import parse_file
+from .vocab import TaskKind, names
 
 INDENT = "  "
 MAX_WIDTH = 100
@@ -84,9 +85,9 @@ def _item(item: s.Item, depth: int) -> list[str]:
         case s.DataDecl(source=source, is_path=is_path):
             return [f"{indent}data {_string(source) if is_path else _name(source)}"]
         case s.TaskDecl(name=name, kind=kind, label=label, where=where):
-            if kind not in ("binary", "regression"):
-                raise ValueError(f"task kind must be binary or regression, not {kind!r}")
-            return [f"{indent}task {_name(name)} {kind} label {_label(label)}{_where(where)}"]
+            if not isinstance(kind, TaskKind):
+                raise ValueError(f"task kind must be a TaskKind ({' or '.join(names(TaskKind))}), not {kind!r}")
+            return [f"{indent}task {_name(name)} {kind.value} label {_label(label)}{_where(where)}"]
         case s.OutputDecl(name=name, factors=factors, label=label, where=where):
             if len(factors) < 2:
                 raise ValueError(f"output {name!r} needs at least two factors")

@@ -1,7 +1,9 @@
 """The AST: frozen dataclasses, one per grammar rule, each with a span.
 
 Nodes mirror the text and resolve nothing. Spans are `compare=False`, so two trees parsed from
-differently formatted texts compare equal (the printer round-trip relies on it).
+differently formatted texts compare equal (the printer round-trip relies on it). A declaration's
+`span` starts at its keyword (a DataDecl's is its source); `name_span` is where its name is written,
+and a reference to a declared name is a NameRef with its own span.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import enum
 from dataclasses import dataclass, field
 
 from .diagnostics import NOWHERE, Span
+from .vocab import TaskKind
 
 
 def _span() -> Span:
@@ -61,6 +64,7 @@ class ModelDecl:
     name: str
     doc: str | None = None
     span: Span = _span()
+    name_span: Span = _span()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +77,11 @@ class DataDecl:
 @dataclass(frozen=True, slots=True)
 class TaskDecl:
     name: str
-    kind: str  # "binary" | "regression": checked in ir.py so a typo can get a hint
+    kind: TaskKind  # the grammar admits only these words
     label: LabelExpr
     where: LabelExpr | None = None
     span: Span = _span()
+    name_span: Span = _span()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,7 @@ class OutputDecl:
     label: LabelExpr | None = None
     where: LabelExpr | None = None
     span: Span = _span()
+    name_span: Span = _span()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,7 @@ class Prop:
     key: str
     value: object
     span: Span = _span()
+    value_span: Span = _span()  # the value alone (train settings; NOWHERE in blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +149,7 @@ class EmbeddingDecl:
     owner: Owner | None
     props: tuple[Prop, ...]  # dim, fields (FieldSel), dense (FieldSel), copies
     span: Span = _span()
+    name_span: Span = _span()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +158,7 @@ class ExpertsDecl:
     owner: Owner | None
     props: tuple[Prop, ...]  # count, input (InputExpr), mlp, activation, dropout, batch_norm
     span: Span = _span()
+    name_span: Span = _span()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +168,7 @@ class GateDecl:
     props: tuple[Prop, ...]  # input, mlp, activation, dropout, batch_norm
     routes: tuple[RouteDecl, ...]
     span: Span = _span()
+    name_span: Span = _span()
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,274 +6,32 @@ properties, selectors, labels, fields, level wiring, a shared block reading a pe
 checks here cover names, references, kinds, structure, widths and gradient flow, and stay quiet about
 what lower() reported, so that one mistake gives one error.
 
-Spans. IR nodes carry the span of the declaration they came from (a route, an input expression, a
-loss's output name). For a sharper caret (the name in `gate g_ctr for ctr {`, one reference inside
-`sum(a, b)`, one factor of an output) the checks ask a Locator, which re-reads the source text; without
-a source they fall back to the IR spans.
+Spans come from the IR only (Note [Spans in the IR]): the declaration a node came from, and where
+each name is written (the name in `gate g_ctr for ctr {`, one reference inside `sum(a, b)`, one factor
+of an output). Validation never reads the source; `validate` only attaches it for rendering.
 
 Messages name per-task blocks by their declared name when the problem is the declaration's (every
 instance shares it: `gate 'g' mixes nothing`), and by the instance name when it is the instance's
 (`stop-gradient leaves expert group 'experts_cvr' unreachable by any loss`).
 
-Identifiers (Note [Safe names]): every name that reaches generated code matches NAME_PATTERN, is at
-most MAX_NAME_LENGTH long, has no '__' (Python's marker for special names), is not a Python keyword, not a torch.nn.Module attribute, not a name the
-generated code uses itself, and does not start with its local-variable prefix. The generated forward()
-binds every embedding, expert group and gate instance, task and derived output as a local variable
-(`emb_ctr = self.emb_ctr(sparse, None)`, `ctr = torch.sigmoid(...)`), so these share one namespace
-with each other, with `h_<task>` (a tower's input) and with the module's own names (`mix`, `torch`);
-towers (`self.tower_<task>`) and transfers (`self.transfer_<src>_<dst>`) are attributes only.
-`name_problem` is public so that codegen's `ident` filter can re-check with the same rule.
+Identifiers: every name that reaches generated code is safe (Note [Safe names] in names.py).
 """
 
 from __future__ import annotations
 
-import bisect
-import keyword
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import networkx as nx
 
-from . import syntax as s
 from .diagnostics import NOWHERE, Diagnostic, SourceFile, Span, did_you_mean, error, sort_key, warning
 from .graph import grad_reach, input_width, node_id
-from .ir import METRICS, Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, Output, TaskKind, Tower, Transfer
-from .parser import parse_text
-
-# --------------------------------------------------------------------------------------------
-# Note [Safe names]
-
-NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
-MAX_NAME_LENGTH = 64
-
-# Public attributes of torch.nn.Module and of an instance (`training`), from torch 2.13:
-# sorted(n for n in dir(torch.nn.Module()) if not n.startswith("_")). Hard-coded: validate.py must not
-# import torch. NN_MODULE_PREFIXES covers the families torch keeps growing.
-NN_MODULE_ATTRIBUTES = frozenset({
-    "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile",
-    "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer",
-    "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "load_state_dict", "modules", "mtia",
-    "named_buffers", "named_children", "named_modules", "named_parameters", "parameters",
-    "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook",
-    "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
-    "register_load_state_dict_pre_hook", "register_module", "register_parameter",
-    "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "set_extra_state",
-    "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train", "training", "type", "xpu",
-    "zero_grad",
-})
-NN_MODULE_PREFIXES = ("named_", "register_")
-
-# Names the generated module uses itself: forward()'s argument and locals, the module's imports and
-# functions (runtime/layers.py's standalone part), and builtins it may call.
-GENERATED_NAMES = frozenset({
-    "batch", "self", "sparse", "dense", "torch", "nn", "math", "mix", "super", "dict", "str", "int", "float",
-    "len", "range", "zip", "list", "tuple", "object", "isinstance",
-})
-# Prefixes of the generated forward's own local variables: h_<task> is a tower's input.
-GENERATED_PREFIXES = ("h_",)
-# Words with a meaning of their own in a spec: `experts[own]`, `sum(...)`, `monitor mean.auc`.
-LANGUAGE_NAMES = frozenset({"own", "other", "sum", "concat", "mean"})
-SOFT_KEYWORDS = frozenset({"_", "case", "match", "type"})
-# Classes a generated file defines or imports (runtime/layers.py's standalone part); the model's class
-# name must differ: a model named `gate` would become `class Gate` and shadow the layer.
-GENERATED_CLASSES = frozenset({"Tensor", "Module", "FusedEmbedding", "MLP", "BatchedExperts", "Gate", "Tower",
-                               "InfoTransfer", "_Lookup"})  # _Lookup: no spec name can make it, listed for the test
-
-BINARY_METRICS = ("auc", "gauc", "logloss")
-
-
-def class_name(model_name: str) -> str:
-    """`me_mmoe` -> `MeMmoe`: the generated module's class (codegen.class_name uses this spelling)."""
-    return "".join(part.capitalize() for part in model_name.split("_") if part) or "Model"
-
-
-def name_problem(name: str, local: bool = True) -> tuple[str, str | None] | None:
-    """Why `name` cannot be an identifier in generated code, as (reason, hint), or None when it can.
-
-    `local`: the generated forward binds the name as a local variable (block instances, tasks, outputs:
-    everything but the model and the implied tower and transfer attributes), so it must not start with
-    one of GENERATED_PREFIXES either.
-
-    The reason completes "task name 'x' {reason}": "is a Python keyword", "is longer than 64 characters".
-    """
-    if len(name) > MAX_NAME_LENGTH:
-        return f"is longer than {MAX_NAME_LENGTH} characters", f"shorten it to at most {MAX_NAME_LENGTH} characters"
-    if not NAME_PATTERN.fullmatch(name):
-        fixed = re.sub(r"_+", "_", re.sub(r"[^a-z0-9_]", "_", name.lower())).strip("_")
-        suggestion = f"; try '{fixed}'" if fixed and fixed != name and name_problem(fixed) is None else ""
-        return "is not a valid name", "names are lower-case letters, digits and '_', starting with a letter" + suggestion
-    if "__" in name:
-        return "contains '__'", "'__' marks Python's special names; use a single '_'" + \
-            (f", e.g. '{re.sub(r'_+', '_', name)}'" if name_problem(re.sub(r"_+", "_", name), local) is None else "")
-    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in SOFT_KEYWORDS:
-        return "is a Python keyword", f"rename it, e.g. '{name}_1'"
-    if name in NN_MODULE_ATTRIBUTES or name.startswith(NN_MODULE_PREFIXES):
-        return "is a torch.nn.Module attribute", f"the generated module would shadow it; rename it, e.g. '{name}_1'"
-    if name in GENERATED_NAMES:
-        return "is a name the generated code uses", f"rename it, e.g. '{name}_1'"
-    if name in LANGUAGE_NAMES:
-        return "is a word of the language", f"rename it, e.g. '{name}_1'"
-    if local and name.startswith(GENERATED_PREFIXES):
-        return f"starts with '{name[:2]}', a prefix of the generated code's variables", \
-            "the generated forward() names a tower's input h_<task>; rename it"
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Locating names in the source
-
-_SKIP = re.compile(r"(?:[ \t\f\r\n]+|#[^\n]*)*")
-_TOKEN = re.compile(
-    r'"(?:[^"\\\n]|\\.)*"?'  # a string (unterminated ones end at the line)
-    r"|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"  # a name or dotted name
-    r"|[0-9.][0-9A-Za-z_.]*"  # a number
-    r"|->|.",
-    re.S,
-)
+from .ir import BlockKind, Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, Output, Tower, Transfer
+from .names import GENERATED_CLASSES, class_name, name_problem
+from .vocab import MonitorProblem, TaskKind, parse_monitor
 
 Block = EmbeddingTable | ExpertGroup | Gate | Tower
-Decl = s.EmbeddingDecl | s.ExpertsDecl | s.GateDecl
-
-
-class Locator:
-    """Precise spans for parts of declarations the IR keeps only as names.
-
-    Built from the source the model was lowered from; every method falls back to the span it is
-    given when there is no source or the text does not match.
-    """
-
-    def __init__(self, model: Model, src: SourceFile | None = None) -> None:
-        self.model = model
-        self.src = src
-        self.text = src.text if src is not None else ""
-        self._starts = [0] + [i + 1 for i, c in enumerate(self.text) if c == "\n"]
-        parsed = parse_text(src.text, src.path) if src is not None else None
-        self.spec: s.Spec | None = parsed if isinstance(parsed, s.Spec) else None
-        self.decls: dict[Span, object] = {}  # declaration span (and a tower's task span) -> syntax node
-        self.inputs: dict[Span, s.InputExpr] = {}
-        self.block_decls: list[Decl] = []
-        if self.spec is not None:
-            for item in self.spec.items:
-                self._index(item)
-
-    def _index(self, item: object) -> None:
-        span = getattr(item, "span", None)
-        if span is not None:
-            self.decls.setdefault(span, item)
-        if isinstance(item, (s.EmbeddingDecl, s.ExpertsDecl, s.GateDecl)):
-            self.block_decls.append(item)
-        if isinstance(item, s.TowerDecl) and item.task is not None:
-            self.decls.setdefault(item.task.span, item)
-        if isinstance(item, s.LevelsDecl):
-            for b in item.blocks:
-                self._index(b)
-        for p in getattr(item, "props", ()):
-            if isinstance(p.value, s.InputExpr):
-                self.inputs.setdefault(p.value.span, p.value)
-
-    # ---- positions ------------------------------------------------------------------------
-
-    def _offset(self, line: int, column: int) -> int | None:
-        if not self.text or not 1 <= line <= len(self._starts):
-            return None
-        return self._starts[line - 1] + column - 1
-
-    def _span_of(self, start: int, end: int) -> Span:
-        line = bisect.bisect_right(self._starts, start)
-        end_line = bisect.bisect_right(self._starts, max(end - 1, start))
-        return Span(line, start - self._starts[line - 1] + 1, end_line, end - self._starts[end_line - 1] + 1)
-
-    def token(self, span: Span, n: int) -> tuple[str, Span] | None:
-        """The n-th token (0-based) of the text at `span`, skipping white space and comments."""
-        pos = self._offset(span.line, span.column)
-        if pos is None:
-            return None
-        for i in range(n + 1):
-            pos = _SKIP.match(self.text, pos).end()  # type: ignore[union-attr]
-            m = _TOKEN.match(self.text, pos)
-            if m is None:
-                return None
-            if i == n:
-                return m.group(), self._span_of(m.start(), m.end())
-            pos = m.end()
-        return None
-
-    def name(self, span: Span, name: str) -> Span:
-        """The declared name in `keyword NAME ...` at `span` (task, output, embedding, experts, gate, model)."""
-        tok = self.token(span, 1)
-        return tok[1] if tok is not None and tok[0] == name else span
-
-    # ---- syntax nodes behind IR nodes ---------------------------------------------------------
-
-    def decl(self, node: object) -> object | None:
-        return self.decls.get(getattr(node, "span", NOWHERE))
-
-    def decl_name(self, node: Block) -> str:
-        """The name as declared: 'experts' for the instance 'experts_ctr_l2'."""
-        d = self.decl(node)
-        return d.name if isinstance(d, (s.EmbeddingDecl, s.ExpertsDecl, s.GateDecl)) else node.name
-
-    def node_name_span(self, node: Block) -> Span:
-        """Where a block's name is written (a tower: its task, or the `tower` keyword of `tower per task`)."""
-        if isinstance(node, Tower):
-            d = self.decl(node)
-            return self.keyword(node.span) if isinstance(d, s.TowerDecl) and d.task is None else node.span
-        return self.name(node.span, self.decl_name(node))
-
-    def keyword(self, span: Span) -> Span:
-        """The first token at `span`: the keyword of a declaration."""
-        tok = self.token(span, 0)
-        return tok[1] if tok is not None else span
-
-    def owner_span(self, node: Block) -> Span:
-        d = self.decl(node)
-        owner = getattr(d, "owner", None)
-        if isinstance(owner, s.Owner) and owner.task is not None:
-            return owner.task.span
-        return self.node_name_span(node)
-
-    def ref(self, inp: Input, i: int) -> tuple[str, Span]:
-        """The i-th reference of an input expression as written, and its span."""
-        expr = self.inputs.get(inp.span)
-        if expr is not None and len(expr.refs) == len(inp.refs) and i < len(expr.refs):
-            return expr.refs[i].name, expr.refs[i].span
-        return inp.refs[i], inp.span
-
-    def factor(self, out: Output, i: int) -> Span:
-        d = self.decl(out)
-        if isinstance(d, s.OutputDecl) and i < len(d.factors) and len(d.factors) == len(out.factors):
-            return d.factors[i].span
-        return self.name(out.span, out.name)
-
-    def transfer_ends(self, tr: Transfer) -> tuple[Span, Span]:
-        d = self.decl(tr)
-        if isinstance(d, s.TransferDecl):
-            return d.source.span, d.target.span
-        return tr.span, tr.span
-
-    def model_decls(self) -> list[s.ModelDecl]:
-        return [i for i in self.spec.items if isinstance(i, s.ModelDecl)] if self.spec else []
-
-    def data_decls(self) -> list[s.DataDecl]:
-        return [i for i in self.spec.items if isinstance(i, s.DataDecl)] if self.spec else []
-
-    def monitor_props(self) -> list[s.Prop]:
-        return [p for i in (self.spec.items if self.spec else ()) if isinstance(i, s.TrainDecl)
-                for p in i.props if p.key == "monitor"]
-
-    def monitor_span(self) -> Span:
-        """The value of the `monitor` setting that lower() kept (the last one written)."""
-        props = self.monitor_props()
-        if not props:
-            return self.model.train.span
-        tok = self.token(props[-1].span, 1)
-        return tok[1] if tok is not None else props[-1].span
-
-    def declared(self, kind: type) -> set[str]:
-        """Names declared with `embedding`, `experts` or `gate` (per-task ones have no instance of that name)."""
-        return {d.name for d in self.block_decls if isinstance(d, kind)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,18 +52,17 @@ def _kind(node: object) -> str:
             return type(node).__name__.lower()
 
 
-def _what(node: object, at: Locator, instance: bool = False) -> str:
+def _what(node: object, instance: bool = False) -> str:
     """`gate 'g'` (declared name) or `gate 'g_ctr'` (instance name) for messages."""
     match node:
         case EmbeddingTable():
-            return f"embedding '{node.name if instance else at.decl_name(node)}'"
+            return f"embedding '{node.name if instance else _decl_name(node)}'"
         case ExpertGroup():
-            return f"expert group '{node.name if instance else at.decl_name(node)}'"
+            return f"expert group '{node.name if instance else _decl_name(node)}'"
         case Gate():
-            return f"gate '{node.name if instance else at.decl_name(node)}'"
+            return f"gate '{node.name if instance else _decl_name(node)}'"
         case Tower():
-            d = at.decl(node)
-            if not instance and isinstance(d, s.TowerDecl) and d.task is None:
+            if not instance and node.per_task:
                 return "tower per task"
             return f"tower of '{node.task}'"
         case _:
@@ -340,42 +97,52 @@ def _quoted(names: Iterable[str]) -> str:
     return ", ".join(f"'{n}'" for n in names)
 
 
+def _decl_name(node: Block) -> str:
+    """The name as declared: 'experts' for the instance 'experts_ctr_l2' (a tower: its own name)."""
+    return node.name if isinstance(node, Tower) else node.decl_name
+
+
+def _written(inp: Input, i: int) -> tuple[str, Span]:
+    ref = inp.written_ref(i)
+    return ref.name, ref.span
+
+
+def _factor_span(out: Output, i: int) -> Span:
+    return out.factor_spans[i] if i < len(out.factor_spans) else out.name_span
+
+
+def _declared(model: Model, *kinds: BlockKind) -> set[str]:
+    """Names declared with `embedding`, `experts` or `gate` (per-task ones have no instance of that name)."""
+    return {d.name for d in model.declarations if d.kind in kinds}
+
+
 @dataclass
 class _Out:
-    """Collects one check's diagnostics."""
+    """Collects one check's diagnostics (validate() attaches the source)."""
 
-    src: SourceFile | None
     items: list[Diagnostic]
 
     def error(self, message: str, span: Span, hint: str | None = None) -> None:
-        self.items.append(error(message, span, hint, self.src))
+        self.items.append(error(message, span, hint))
 
     def warning(self, message: str, span: Span, hint: str | None = None) -> None:
-        self.items.append(warning(message, span, hint, self.src))
-
-
-def _out(at: Locator) -> _Out:
-    return _Out(at.src, [])
-
-
-def _at(model: Model, at: Locator | None) -> Locator:
-    return at if at is not None else Locator(model, None)
+        self.items.append(warning(message, span, hint))
 
 
 # --------------------------------------------------------------------------------------------
 # 1. Names
 
 
-def check_names(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
+def check_names(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """Every name that reaches generated code is safe (Note [Safe names]).
 
     Checked: the model name (also as a class name), tasks, derived outputs, declared block names and
-    the instance names they make (`state` per task with a task `dict` makes `state_dict`), tower names.
+    the instance names they make (`state` per task with a task `dict` makes `state_dict`), tower names and
+    transfer module names (`transfer_<src>_<dst>`): codegen's `ident` refuses what is not checked here.
     An instance is checked only when its parts are valid, so one bad name gives one error. The model's
     doc may be any text: codegen writes it with repr() (tests/test_codegen.py checks escapes).
     """
-    at = _at(model, at)
-    out = _out(at)
+    out = _Out([])
 
     def report(kind: str, name: str, span: Span, local: bool = True) -> bool:
         problem = name_problem(name, local)
@@ -383,9 +150,8 @@ def check_names(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
             out.error(f"{kind} name '{name}' {problem[0]}", span, problem[1])
         return problem is None
 
-    models = at.model_decls()
-    if models:
-        span = at.name(models[0].span, models[0].name)
+    span = model.name_span
+    if span is not None:
         if report("model", model.name, span, local=False) and class_name(model.name) in GENERATED_CLASSES:
             out.error(f"model name '{model.name}' makes the class '{class_name(model.name)}', which the generated code "
                       "already uses", span, f"rename it, e.g. '{model.name}_model'")
@@ -395,10 +161,17 @@ def check_names(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
             out.error(f"model name '{model.name}', taken from the file name, {problem[0]}", NOWHERE,
                       "name the model with `model <name>` at the top of the spec")
 
-    tasks_ok = {t.name for t in model.tasks if report("task", t.name, at.name(t.span, t.name))}
+    tasks_ok = {t.name for t in model.tasks if report("task", t.name, t.name_span)}
     for o in model.outputs:
         if o.factors:
-            report("output", o.name, at.name(o.span, o.name))
+            report("output", o.name, o.name_span)
+
+    for tr in model.transfers:
+        module = f"transfer_{tr.source}_{tr.target}"
+        problem = name_problem(module, local=False)
+        if tr.source in tasks_ok and tr.target in tasks_ok and problem is not None:
+            out.error(f"transfer '{tr.source}' -> '{tr.target}' would be named '{module}', which {problem[0]}",
+                      tr.keyword_span, "the generated module names it after both tasks; shorten the task names")
 
     reported: set[Span] = set()
     instance_reported: set[Span] = set()
@@ -408,11 +181,11 @@ def check_names(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
                 problem = name_problem(node.name, local=False)
                 if problem is not None:
                     out.error(f"the tower of task '{node.task}' would be named '{node.name}', which {problem[0]}",
-                              at.node_name_span(node), "shorten the task name")
+                              node.name_span, "shorten the task name")
             continue
         kind = _kind(node)
-        decl_name = at.decl_name(node)
-        span = at.node_name_span(node)
+        decl_name = _decl_name(node)
+        span = node.name_span
         if span not in reported:
             reported.add(span)
             if not report(kind, decl_name, span):
@@ -432,15 +205,14 @@ def check_names(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
 # 2. Duplicates
 
 
-def check_duplicates(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
+def check_duplicates(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """Each name is declared once: the model and data lines, tasks, outputs (a derived output may not take a
     task's name), block instances across kinds (a `per task` declaration's instances and the towers'
     `tower_<task>` included), losses and transfers. The later declaration is reported."""
-    at = _at(model, at)
-    out = _out(at)
-    for kind, decls in (("model", at.model_decls()), ("data", at.data_decls())):
-        for extra in decls[1:]:
-            out.error(f"`{kind}` is declared twice", at.keyword(extra.span), f"keep the one at {_line(decls[0].span)}")
+    out = _Out([])
+    for kind, spans in (("model", model.model_spans), ("data", model.data_spans)):
+        for extra in spans[1:]:
+            out.error(f"`{kind}` is declared twice", extra, f"keep the one at {_line(spans[0])}")
 
     first_output: dict[str, Output] = {}
     for o in model.outputs:
@@ -449,10 +221,10 @@ def check_duplicates(model: Model, graph: nx.DiGraph, at: Locator | None = None)
             continue
         what = "output" if o.factors else "task"
         if bool(prev.factors) == bool(o.factors):
-            out.error(f"{what} '{o.name}' is declared twice", at.name(o.span, o.name), f"first declared at {_line(prev.span)}")
+            out.error(f"{what} '{o.name}' is declared twice", o.name_span, f"first declared at {_line(prev.span)}")
         else:
             out.error(f"{what} '{o.name}' has the same name as {'task' if not prev.factors else 'output'} '{o.name}'",
-                      at.name(o.span, o.name), f"first declared at {_line(prev.span)}; rename one")
+                      o.name_span, f"first declared at {_line(prev.span)}; rename one")
 
     by_name: dict[str, list[Block]] = defaultdict(list)
     for node in _blocks(model):
@@ -468,14 +240,14 @@ def check_duplicates(model: Model, graph: nx.DiGraph, at: Locator | None = None)
             if isinstance(node, Tower) and isinstance(first, Tower):
                 continue  # lower() reports a task with two towers
             a, b = (node, first) if isinstance(node, Tower) else (first, node)  # report at the declared block
-            if not isinstance(a, Tower) and at.decl_name(a) == at.decl_name(b):
+            if not isinstance(a, Tower) and _decl_name(a) == _decl_name(b):
                 first_kind = "" if _kind(a) == _kind(b) else f" as {_kind(a)}"
-                out.error(f"{_kind(b)} '{at.decl_name(b)}' is declared twice", at.node_name_span(b),
+                out.error(f"{_kind(b)} '{_decl_name(b)}' is declared twice", b.name_span,
                           f"first declared{first_kind} at {_line(a.span)}")
             else:
                 where = f"the tower of task '{a.task}' is implied at" if isinstance(a, Tower) else \
-                    f"{_kind(a)} '{at.decl_name(a)}' is declared at"
-                out.error(f"{_describe(b, at)} has the same name as {_describe(a, at)}", at.node_name_span(b),
+                    f"{_kind(a)} '{_decl_name(a)}' is declared at"
+                out.error(f"{_describe(b)} has the same name as {_describe(a)}", b.name_span,
                           f"{where} {_line(a.span)}; rename one")
 
     # One namespace in forward(): block instances, tasks and outputs (Note [Safe names]).
@@ -489,14 +261,14 @@ def check_duplicates(model: Model, graph: nx.DiGraph, at: Locator | None = None)
         what = f"{'output' if o.factors else 'task'} '{o.name}'"
         hint = "blocks, tasks and outputs are variables of the generated forward(); rename one"
         if (o.span.line, o.span.column) > (b.span.line, b.span.column):
-            out.error(f"{what} has the same name as {_describe(b, at)}", at.name(o.span, o.name), hint)
+            out.error(f"{what} has the same name as {_describe(b)}", o.name_span, hint)
         else:
-            out.error(f"{_describe(b, at)} has the same name as {what}", at.node_name_span(b), hint)
+            out.error(f"{_describe(b)} has the same name as {what}", b.name_span, hint)
     for tr in model.transfers:
         b = local_blocks.get(f"transfer_{tr.source}_{tr.target}")
         if b is not None:
-            out.error(f"{_describe(b, at)} has the same name as the module of transfer '{tr.source}' -> '{tr.target}'",
-                      at.node_name_span(b), f"the generated code names it 'transfer_{tr.source}_{tr.target}'; rename the block")
+            out.error(f"{_describe(b)} has the same name as the module of transfer '{tr.source}' -> '{tr.target}'",
+                      b.name_span, f"the generated code names it 'transfer_{tr.source}_{tr.target}'; rename the block")
 
     seen_loss: dict[str, Span] = {}
     for lo in model.losses:
@@ -512,47 +284,45 @@ def check_duplicates(model: Model, graph: nx.DiGraph, at: Locator | None = None)
         if prev is tr:
             continue
         if (prev.source, prev.target) == (tr.source, tr.target):
-            out.error(f"transfer '{tr.source}' -> '{tr.target}' is declared twice", at.keyword(tr.span),
+            out.error(f"transfer '{tr.source}' -> '{tr.target}' is declared twice", tr.keyword_span,
                       f"keep the one at {_line(prev.span)}")
         else:
             out.error(f"transfer '{tr.source}' -> '{tr.target}' has the same name '{key}' as transfer "
-                      f"'{prev.source}' -> '{prev.target}'", at.keyword(tr.span), "rename one of the tasks")
+                      f"'{prev.source}' -> '{prev.target}'", tr.keyword_span, "rename one of the tasks")
     return out.items
 
 
-def _describe(node: Block, at: Locator) -> str:
+def _describe(node: Block) -> str:
     """`embedding 'emb_ctr'`, `the 'ctr' instance of per-task embedding 'emb'`, `the tower of task 'ctr'`."""
     if isinstance(node, Tower):
         return f"the tower of task '{node.task}'"
-    decl = at.decl_name(node)
+    decl = _decl_name(node)
     kind = _kind(node)
     if decl == node.name:
         return f"{kind} '{decl}'"
-    d = at.decl(node)
-    per_task = isinstance(getattr(d, "owner", None), s.Owner) and d.owner.kind is s.OwnerKind.per_task  # type: ignore[union-attr]
-    which = " ".join(w for w in (f"level-{node.level}" if getattr(node, "level", 0) else "", f"'{node.owner}'" if per_task else "") if w)
-    return f"the {which} instance of {'per-task ' if per_task else ''}{kind} '{decl}'"
+    level = f"level-{node.level}" if getattr(node, "level", 0) else ""
+    which = " ".join(w for w in (level, f"'{node.owner}'" if node.per_task else "") if w)
+    return f"the {which} instance of {'per-task ' if node.per_task else ''}{kind} '{decl}'"
 
 
 # --------------------------------------------------------------------------------------------
 # 3. References to unknown names
 
 
-def check_references(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
+def check_references(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """Every name used is declared: the task in `for TASK` and `tower TASK`, loss and factor outputs,
     transfer ends, block inputs, gate routes. Names that exist but are of the wrong kind are left to
     check_kinds; a shared block reading a per-task declaration is lower()'s to report."""
-    at = _at(model, at)
-    out = _out(at)
+    out = _Out([])
     tasks = [t.name for t in model.tasks]
     outputs = [o.name for o in model.outputs]
     blocks = {b.name for b in _blocks(model)}
-    declared = at.declared(s.EmbeddingDecl) | at.declared(s.ExpertsDecl) | at.declared(s.GateDecl)
-    experts = {x.name for x in model.experts} | at.declared(s.ExpertsDecl)
+    declared = _declared(model, *BlockKind)
+    experts = {x.name for x in model.experts} | _declared(model, BlockKind.experts)
 
     for node in [*model.embeddings, *model.experts, *model.gates]:
         if node.owner is not None and node.owner not in tasks:
-            out.error(f"{_what(node, at)} is owned by unknown task '{node.owner}'", at.owner_span(node),
+            out.error(f"{_what(node)} is owned by unknown task '{node.owner}'", node.owner_span,
                       did_you_mean(node.owner, tasks))
     for t in model.towers:
         if t.task not in tasks and t.task not in outputs:
@@ -563,9 +333,9 @@ def check_references(model: Model, graph: nx.DiGraph, at: Locator | None = None)
     for o in model.outputs:
         for i, f in enumerate(o.factors):
             if f not in outputs:
-                out.error(f"output '{o.name}' multiplies unknown output '{f}'", at.factor(o, i), did_you_mean(f, outputs))
+                out.error(f"output '{o.name}' multiplies unknown output '{f}'", _factor_span(o, i), did_you_mean(f, outputs))
     for tr in model.transfers:
-        for end, span, word in zip((tr.source, tr.target), at.transfer_ends(tr), ("from", "to")):
+        for end, span, word in zip((tr.source, tr.target), (tr.source_span, tr.target_span), ("from", "to")):
             if end not in outputs and model.block(end) is None:
                 out.error(f"transfer {word} unknown task '{end}'", span, did_you_mean(end, tasks))
 
@@ -574,10 +344,10 @@ def check_references(model: Model, graph: nx.DiGraph, at: Locator | None = None)
         if not _owner_ok(model, node):
             continue
         for i, ref in enumerate(node.input.refs):
-            written, span = at.ref(node.input, i)
+            written, span = _written(node.input, i)
             if ref in blocks or written in declared or ref in names_of_things or written in names_of_things:
                 continue
-            out.error(f"{_what(node, at)} reads unknown block '{written}'", span,
+            out.error(f"{_what(node)} reads unknown block '{written}'", span,
                       did_you_mean(written, blocks | declared))
     for gate in model.gates:
         if not _owner_ok(model, gate):
@@ -585,7 +355,7 @@ def check_references(model: Model, graph: nx.DiGraph, at: Locator | None = None)
         for r in gate.routes:
             if r.group in blocks or r.group in declared or r.group in names_of_things:
                 continue
-            out.error(f"{_what(gate, at)} mixes unknown expert group '{r.group}'", r.span, did_you_mean(r.group, experts))
+            out.error(f"{_what(gate)} mixes unknown expert group '{r.group}'", r.span, did_you_mean(r.group, experts))
     return out.items
 
 
@@ -593,7 +363,7 @@ def check_references(model: Model, graph: nx.DiGraph, at: Locator | None = None)
 # 4. Kinds
 
 
-def check_kinds(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
+def check_kinds(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """Each reference names the right kind of thing.
 
     - `input` reads embeddings, gates, and expert groups of `count 1` (a bottom); never a task, an output
@@ -605,15 +375,13 @@ def check_kinds(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
     - `mix` takes expert groups only. `tower X` and transfer ends are tasks, not derived outputs.
     - A derived output multiplies probabilities: a regression task cannot be a factor.
     """
-    at = _at(model, at)
-    out = _out(at)
+    out = _Out([])
     kinds = {t.name: t.kind for t in model.tasks}
     derived = {o.name for o in model.outputs if o.factors}
     tower_names = {t.name: t for t in model.towers}
     declared_kind: dict[str, str] = {}
-    for d in at.block_decls:
-        declared_kind.setdefault(d.name, {s.EmbeddingDecl: "embedding", s.ExpertsDecl: "expert group",
-                                          s.GateDecl: "gate"}[type(d)])
+    for d in model.declarations:
+        declared_kind.setdefault(d.name, "expert group" if d.kind is BlockKind.experts else d.kind.value)
 
     def thing(name: str) -> str | None:
         if name in tower_names:
@@ -628,23 +396,23 @@ def check_kinds(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
         if not _owner_ok(model, node):
             continue
         for i, ref in enumerate(node.input.refs):
-            written, span = at.ref(node.input, i)
+            written, span = _written(node.input, i)
             producer = _producer(model, ref)
             if producer is None:
                 what = thing(ref) if written not in declared_kind else None  # else: lower() reported it
                 if what is not None:
-                    out.error(f"{_what(node, at)} reads {what}, which is not a block", span,
+                    out.error(f"{_what(node)} reads {what}, which is not a block", span,
                               "inputs are embeddings, gates or expert groups; one task's tower feeds another "
                               "through `transfer`")
                 continue
             if producer.name == node.name:
                 continue  # check_cycles
             if _same_level_read(node, producer):
-                out.error(f"{_what(node, at)} reads {_what(producer, at)} of its own `levels` block", span,
+                out.error(f"{_what(node)} reads {_what(producer)} of its own `levels` block", span,
                           "inside `levels`, `input` is what level 1 reads (an embedding); later levels read "
                           "the previous level's gates on their own")
             elif isinstance(producer, ExpertGroup) and producer.count > 1:
-                out.error(f"{_what(node, at)} reads {_what(producer, at)} of {producer.count} experts: put a gate "
+                out.error(f"{_what(node)} reads {_what(producer)} of {producer.count} experts: put a gate "
                           "in between", span, "only a group with `count 1` feeds a block directly")
     for gate in model.gates:
         for r in gate.routes:
@@ -652,29 +420,29 @@ def check_kinds(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> l
             if isinstance(b, ExpertGroup):
                 continue
             if isinstance(b, (EmbeddingTable, Gate)):
-                what: str | None = _what(b, at, instance=True)
+                what: str | None = _what(b, instance=True)
             elif r.group in declared_kind:
                 what = f"{declared_kind[r.group]} '{r.group}'"
             else:
                 what = thing(r.group)
             if what is not None:
-                out.error(f"{_what(gate, at)} mixes {what}, which is not an expert group", r.span,
+                out.error(f"{_what(gate)} mixes {what}, which is not an expert group", r.span,
                           "`mix` takes expert groups; read embeddings and gates with `input`")
     for t in model.towers:
         if t.task in derived and t.task not in kinds:
             out.error(f"tower for output '{t.task}', which is not a task", t.span,
                       "towers belong to tasks; a derived output is computed from its factors")
     for tr in model.transfers:
-        for end, span, word in zip((tr.source, tr.target), at.transfer_ends(tr), ("from", "to")):
+        for end, span, word in zip((tr.source, tr.target), (tr.source_span, tr.target_span), ("from", "to")):
             what = thing(end) if end not in kinds else None
             if what is None and model.block(end) is not None and end not in kinds:
-                what = _what(model.block(end), at, instance=True)
+                what = _what(model.block(end), instance=True)
             if what is not None:
                 out.error(f"transfer {word} {what}, which is not a task", span, "transfers connect two tasks' towers")
     for o in model.outputs:
         for i, f in enumerate(o.factors):
             if kinds.get(f) is TaskKind.regression:
-                out.error(f"output '{o.name}' multiplies regression task '{f}'", at.factor(o, i),
+                out.error(f"output '{o.name}' multiplies regression task '{f}'", _factor_span(o, i),
                           "a derived output is a product of probabilities: its factors are binary tasks")
     return out.items
 
@@ -689,15 +457,13 @@ def _same_level_read(node: Block, producer: Block) -> bool:
 # 5. Structure
 
 
-def check_structure(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
+def check_structure(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """The model is complete: at least one task; every task has a tower; every task reaches a loss,
     directly or through a derived output (ESMM's cvr); a derived output without a loss, and a loss of
     weight 0, are warnings; every gate mixes something, and no group twice."""
-    at = _at(model, at)
-    out = _out(at)
+    out = _Out([])
     if not model.tasks:
-        models = at.model_decls()
-        out.error("the spec declares no task", at.name(models[0].span, models[0].name) if models else NOWHERE,
+        out.error("the spec declares no task", model.name_span or NOWHERE,
                   "add one, e.g. `task ctr binary label click`")
     towers = {t.task for t in model.towers}
     trained = _trained_outputs(model, graph)
@@ -708,7 +474,7 @@ def check_structure(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
     losses_resolved = all(lo.output in names for lo in model.losses) and \
         all(f in names for o in model.outputs for f in o.factors)
     for t in model.tasks:
-        span = at.name(t.span, t.name)
+        span = t.name_span
         if t.name not in towers and towers_resolved:
             out.error(f"task '{t.name}' has no tower", span, f"add `tower {t.name} {{ input ... }}` or `tower per task`")
         if t.name not in trained and losses_resolved:
@@ -720,14 +486,13 @@ def check_structure(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
                         "give it a positive weight, or remove it")
     for o in model.outputs:
         if o.factors and o.name not in trained:
-            out.warning(f"output '{o.name}' has no loss: it is computed but not trained", at.name(o.span, o.name),
+            out.warning(f"output '{o.name}' has no loss: it is computed but not trained", o.name_span,
                         f"add `loss {o.name}`, or drop the output")
 
-    written_routes = {d.span: len(d.routes) for d in at.block_decls if isinstance(d, s.GateDecl)}
     twice: set[Span] = set()
     for gate in model.gates:
-        if not gate.routes and written_routes.get(gate.span, 0) == 0:
-            out.error(f"{_what(gate, at)} mixes nothing", at.node_name_span(gate),
+        if not gate.routes and gate.written_routes == 0:
+            out.error(f"{_what(gate)} mixes nothing", gate.name_span,
                       "add `mix <expert group>`; a gate is a softmax over experts")
         seen: dict[str, Span] = {}
         for r in gate.routes:
@@ -735,7 +500,7 @@ def check_structure(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
                 twice.add(r.span)
                 hint = "the route at " + _line(seen[r.group]) + " already mixes it" if seen[r.group] != r.span \
                     else "this route names the group twice"
-                out.error(f"{_what(gate, at, instance=True)} mixes expert group '{r.group}' twice", r.span, hint)
+                out.error(f"{_what(gate, instance=True)} mixes expert group '{r.group}' twice", r.span, hint)
             elif r.group not in seen:
                 seen[r.group] = r.span
     return out.items
@@ -760,16 +525,15 @@ def _trained_outputs(model: Model, graph: nx.DiGraph) -> set[str]:
 # 6. Cycles
 
 
-def check_cycles(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
+def check_cycles(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """No block depends on its own output: a block reading itself, a cycle of inputs and routes
     (reported once per cycle, at the input that closes it), a derived output that is its own factor.
     Cycles of transfers are check_transfers'."""
-    at = _at(model, at)
-    out = _out(at)
+    out = _Out([])
     for node in _consumers(model):
         for i, ref in enumerate(node.input.refs):
             if ref == node.name and not isinstance(node, Tower):  # a tower reading a tower: check_kinds
-                out.error(f"{_what(node, at)} reads itself", at.ref(node.input, i)[1],
+                out.error(f"{_what(node)} reads itself", node.input.written_ref(i).span,
                           "a block cannot read its own output")
     blocks = graph.subgraph(n for n, k in graph.nodes(data="kind") if k in ("emb", "experts", "gate")).copy()
     for u, v in list(blocks.edges):
@@ -784,16 +548,16 @@ def check_cycles(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> 
             consumer = graph.nodes[v]["block"]
             for i, ref in enumerate(consumer.input.refs):
                 if node_id(graph.nodes[u]["kind"], ref) == u:
-                    closing.append((at.ref(consumer.input, i)[1], u, v))
+                    closing.append((consumer.input.written_ref(i).span, u, v))
         if not closing:
             continue
         span, u, v = min(closing, key=lambda c: (c[0].line, c[0].column))
         order = [a for a, _ in cycle]
         k = order.index(u)
         order = order[k:] + order[:k] + [u]
-        names = " -> ".join(f"'{at.decl_name(graph.nodes[n]['block'])}'" for n in order)
+        names = " -> ".join(f"'{_decl_name(graph.nodes[n]['block'])}'" for n in order)
         out.error(f"cycle: {names}", span,
-                  f"{_what(graph.nodes[v]['block'], at)} reads {_what(graph.nodes[u]['block'], at)}, which is "
+                  f"{_what(graph.nodes[v]['block'])} reads {_what(graph.nodes[u]['block'])}, which is "
                   "computed from it; a block cannot depend on its own output")
     outputs = graph.subgraph(n for n, k in graph.nodes(data="kind") if k == "output")
     counts = defaultdict(int)
@@ -811,10 +575,10 @@ def check_cycles(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> 
         f = graph.nodes[u]["name"]
         i = o.factors.index(f) if f in o.factors else 0
         if u == v:
-            out.error(f"output '{o.name}' multiplies itself", at.factor(o, i), "a derived output is a product of other outputs")
+            out.error(f"output '{o.name}' multiplies itself", _factor_span(o, i), "a derived output is a product of other outputs")
         else:
             names = " -> ".join(f"'{graph.nodes[a]['name']}'" for a, _ in cycle) + f" -> '{graph.nodes[u]['name']}'"
-            out.error(f"cycle of derived outputs: {names}", at.factor(o, i), "a derived output cannot depend on itself")
+            out.error(f"cycle of derived outputs: {names}", _factor_span(o, i), "a derived output cannot depend on itself")
     return out.items
 
 
@@ -822,17 +586,16 @@ def check_cycles(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> 
 # 7. Transfers
 
 
-def check_transfers(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
+def check_transfers(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """AITM transfers connect two different tasks that both have towers, along a chain: no task
     transfers to itself, no cycle, and each task receives from at most one task."""
-    at = _at(model, at)
-    out = _out(at)
+    out = _Out([])
     tasks = {t.name for t in model.tasks}
     towers = {t.task for t in model.towers}
     into: dict[str, Transfer] = {}
     chain = nx.DiGraph()
     for tr in model.transfers:
-        src_span, dst_span = at.transfer_ends(tr)
+        src_span, dst_span = (tr.source_span, tr.target_span)
         if tr.source == tr.target:
             out.error(f"task '{tr.source}' transfers to itself", dst_span, "a transfer connects two different tasks")
             continue
@@ -853,7 +616,7 @@ def check_transfers(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
     if cycle:
         closing = max((chain.edges[e]["transfer"] for e in cycle), key=lambda t: (t.span.line, t.span.column))
         names = " -> ".join(f"'{a}'" for a, _ in cycle) + f" -> '{cycle[0][0]}'"
-        out.error(f"transfer cycle: {names}", at.keyword(closing.span), "transfers must form a chain, e.g. ctr -> cvr")
+        out.error(f"transfer cycle: {names}", closing.keyword_span, "transfers must form a chain, e.g. ctr -> cvr")
     return out.items
 
 
@@ -861,12 +624,11 @@ def check_transfers(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
 # 8. Widths
 
 
-def check_dimensions(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
+def check_dimensions(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """Widths agree (docs/language.md, Widths): the parts of `sum(...)`; the groups one gate mixes; the
     tower inputs at both ends of a transfer. A table with `copies N` is read by an expert group with
     `count N` (one copy per expert) or `count 1` (the copies summed), nothing in between."""
-    at = _at(model, at)
-    out = _out(at)
+    out = _Out([])
 
     def width(name: str) -> int | None:
         p = _producer(model, name)
@@ -876,13 +638,13 @@ def check_dimensions(model: Model, graph: nx.DiGraph, at: Locator | None = None)
         return graph.nodes[nid].get("width") if nid in graph else None
 
     for e in model.embeddings:
-        if e.width == 0 and _selects_nothing(at.decl(e)):
-            out.error(f"{_what(e, at)} yields no features", at.node_name_span(e),
+        if e.width == 0 and e.selects_nothing:  # else lower() reported what it could not resolve
+            out.error(f"{_what(e)} yields no features", e.name_span,
                       "select fields, e.g. `fields all`, or `dense all`")
     for node in _consumers(model):
         inp = node.input
         if inp.op is Combine.sum and len(inp.refs) > 1 and node.name not in inp.refs:  # else check_cycles
-            widths = [(at.ref(inp, i)[0], width(r)) for i, r in enumerate(inp.refs)]
+            widths = [(inp.written_ref(i).name, width(r)) for i, r in enumerate(inp.refs)]
             known = [(n, w) for n, w in widths if w]  # unknown, or an empty table (reported above or by lower())
             if len({w for _, w in known}) > 1:
                 first = known[0]
@@ -893,8 +655,8 @@ def check_dimensions(model: Model, graph: nx.DiGraph, at: Locator | None = None)
             for i, ref in enumerate(inp.refs):
                 e = _producer(model, ref)
                 if isinstance(e, EmbeddingTable) and e.copies > 1 and node.count not in (1, e.copies):
-                    out.error(f"{_what(e, at)} has {e.copies} copies but {_what(node, at)} has {node.count} experts",
-                              at.ref(inp, i)[1], f"a table with `copies {e.copies}` gives one copy to each of "
+                    out.error(f"{_what(e)} has {e.copies} copies but {_what(node)} has {node.count} experts",
+                              inp.written_ref(i).span, f"a table with `copies {e.copies}` gives one copy to each of "
                               f"{e.copies} experts; use `count {e.copies}`, or `copies 1`")
     for gate in model.gates:
         first: tuple[str, int] | None = None
@@ -902,11 +664,11 @@ def check_dimensions(model: Model, graph: nx.DiGraph, at: Locator | None = None)
             w = width(r.group) if isinstance(model.block(r.group), ExpertGroup) else None
             if w is None:
                 continue
-            name = at.decl_name(model.block(r.group))  # type: ignore[arg-type]
+            name = _decl_name(model.block(r.group))  # type: ignore[arg-type]
             if first is None:
                 first = (name, w)
             elif w != first[1]:
-                out.error(f"{_what(gate, at)} mixes expert groups of different widths: '{first[0]}' yields {first[1]}, "
+                out.error(f"{_what(gate)} mixes expert groups of different widths: '{first[0]}' yields {first[1]}, "
                           f"'{name}' yields {w}", r.span, "the last `mlp` layer of every mixed group must be equal")
                 break
     towers = {t.task: t for t in model.towers}
@@ -917,32 +679,21 @@ def check_dimensions(model: Model, graph: nx.DiGraph, at: Locator | None = None)
         wa, wb = input_width(graph, model, a.input), input_width(graph, model, b.input)
         if wa is not None and wb is not None and wa != wb:
             out.error(f"transfer '{tr.source}' -> '{tr.target}' joins towers whose inputs differ in width: "
-                      f"'{tr.source}' reads {wa}, '{tr.target}' reads {wb}", at.keyword(tr.span),
+                      f"'{tr.source}' reads {wa}, '{tr.target}' reads {wb}", tr.keyword_span,
                       "AITM's attention mixes the two towers' inputs, so they need one width")
     return out.items
-
-
-def _selects_nothing(decl: object) -> bool:
-    """`fields none`, `fields []`, `dense none`: the spec asks for nothing (lower() reports what it cannot
-    resolve, and a missing `fields`). Without the syntax, any empty table."""
-    if not isinstance(decl, s.EmbeddingDecl):
-        return decl is None
-    sels = [p.value for p in decl.props if p.key in ("fields", "dense")]
-    return bool(sels) and all(isinstance(f, s.FieldSel) and (f.group == "none" or (f.group is None and not f.fields))
-                              for f in sels)
 
 
 # --------------------------------------------------------------------------------------------
 # 9. Gradient reachability
 
 
-def check_gradients(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
+def check_gradients(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     """Warnings for parameters no loss trains (graph.grad_reach from every loss node): a block with no
     path to any loss is unused; a block whose every path to a loss is detached is left unreachable
     by stop-gradient (Note [Gate visibility]). Skipped while a reference is unresolved: the graph is
     then incomplete and every warning would be a consequence of the error."""
-    at = _at(model, at)
-    out = _out(at)
+    out = _Out([])
     for node in _consumers(model):
         if any(_producer(model, r) is None for r in node.input.refs):
             return []
@@ -960,8 +711,8 @@ def check_gradients(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
         if data["kind"] not in ("emb", "experts", "gate") or n in reached:
             continue
         node = data["block"]
-        what = _what(node, at, instance=True)
-        span = at.node_name_span(node)
+        what = _what(node, instance=True)
+        span = node.name_span
         if n not in used:
             out.warning(f"{what} is unused: no loss depends on it", span, "read it from a block, or remove it")
             continue
@@ -980,36 +731,17 @@ def check_gradients(model: Model, graph: nx.DiGraph, at: Locator | None = None) 
 # 10. Training settings
 
 
-def check_train(model: Model, graph: nx.DiGraph, at: Locator | None = None) -> list[Diagnostic]:
-    """`monitor` is `<task or output>.<metric>` or `mean.<metric>`, metric one of ir.METRICS; auc, gauc and
-    logloss need a binary output (an explicit `mean.auc` needs at least one). lower() checks the rest."""
-    at = _at(model, at)
-    out = _out(at)
-    monitor = model.train.monitor
-    if at.spec is not None and not at.monitor_props():
-        return []  # the default, mean.auc: the trainer averages over the outputs that have the metric
-    span = at.monitor_span()
-    kinds = {o.name: o.kind for o in model.outputs}
-    target, dot, metric = monitor.rpartition(".")
-    if not dot or not target:
-        out.error(f"monitor '{monitor}' names no metric", span,
-                  f"write `<output>.<metric>`, e.g. '{monitor}.auc'" if monitor in kinds else
-                  "write `<output>.<metric>` or `mean.<metric>`, e.g. 'mean.auc'")
-        return out.items
-    if target != "mean" and target not in kinds:
-        out.error(f"monitor '{monitor}' names unknown output '{target}'", span,
-                  did_you_mean(target, [*kinds, "mean"]) or "outputs: " + _quoted(kinds))
-    if metric not in METRICS:
-        out.error(f"monitor '{monitor}' names unknown metric '{metric}'", span,
-                  did_you_mean(metric, METRICS) or "metrics: " + ", ".join(METRICS))
-        return out.items
-    if metric in BINARY_METRICS:
-        if target in kinds and kinds[target] is TaskKind.regression:
-            out.error(f"monitor '{monitor}': {metric} needs a binary output, and '{target}' is regression", span,
-                      f"monitor '{target}.mse' or '{target}.mae'")
-        elif target == "mean" and kinds and all(k is TaskKind.regression for k in kinds.values()):
-            out.error(f"monitor '{monitor}': {metric} needs a binary output, and every output is regression", span,
-                      "monitor 'mean.mse' or 'mean.mae'")
+def check_train(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
+    """The `monitor` as the trainer will read it (vocab.parse_monitor): `<output>.<metric>` or `mean.<metric>`
+    with a metric the output has. The default, mean.auc, is not the user's choice and is not checked: the
+    trainer averages over the outputs that have the metric. lower() checks the other settings."""
+    out = _Out([])
+    span = model.train.monitor_span
+    if span is None:
+        return []
+    found = parse_monitor(model.train.monitor, {o.name: o.kind for o in model.outputs})
+    if isinstance(found, MonitorProblem):
+        out.error(found.message, span, found.hint)
     return out.items
 
 
@@ -1020,14 +752,14 @@ CHECKS = (check_names, check_duplicates, check_references, check_kinds, check_st
 
 
 def validate(model: Model, graph: nx.DiGraph, src: SourceFile | None = None) -> list[Diagnostic]:
-    """Every check's findings, without repeats, in source order. Gradient warnings only when the rest is error-free."""
-    at = Locator(model, src)
+    """Every check's findings, without repeats, in source order, with `src` attached for rendering.
+    Gradient warnings only when the rest is error-free."""
     found: list[Diagnostic] = []
     for check in CHECKS:
-        found.extend(check(model, graph, at))
+        found.extend(check(model, graph))
     if not any(d.is_error for d in found):
-        found.extend(check_gradients(model, graph, at))
-    return _unique(found)
+        found.extend(check_gradients(model, graph))
+    return [replace(d, source=src) for d in _unique(found)]
 
 
 def _unique(diagnostics: Sequence[Diagnostic]) -> list[Diagnostic]:

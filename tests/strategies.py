@@ -16,6 +16,7 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from mtldsl import syntax as s
+from mtldsl.vocab import TaskKind
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammars" / "mtl.lark"
 
@@ -87,7 +88,7 @@ routes = st.builds(
 
 model_decls = st.builds(s.ModelDecl, names, st.none() | strings)
 data_decls = st.builds(s.DataDecl, names, st.just(False)) | st.builds(s.DataDecl, strings, st.just(True))
-kinds = st.sampled_from(["binary", "regression"])
+kinds = st.sampled_from(list(TaskKind))
 task_decls = st.builds(s.TaskDecl, names, kinds, label_exprs, st.none() | label_exprs)
 output_decls = st.builds(s.OutputDecl, names, _tuples(name_refs, 2), st.none() | label_exprs, st.none() | label_exprs)
 loss_decls = st.builds(s.LossDecl, name_refs, st.none() | numbers, st.none() | label_exprs, st.none() | label_exprs)

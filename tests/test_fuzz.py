@@ -14,7 +14,7 @@ from lark import Lark
 from mtldsl.diagnostics import render_all
 from mtldsl.parser import GRAMMAR
 from mtldsl.pipeline import Checked, check_text
-from mtldsl.validate import name_problem
+from mtldsl.names import name_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "specs").glob("*.mtl"))]
@@ -38,13 +38,15 @@ def assert_sound(text: str, checked: Checked) -> None:
 
 
 def assert_safe_when_clean(checked: Checked) -> None:
-    """Note [Safe names] in validate.py: nothing unsafe gets past a clean check."""
+    """Note [Safe names] in names.py: nothing unsafe gets past a clean check."""
     if not checked.ok or checked.model is None:
         return
     m = checked.model
-    local = [*(t.name for t in m.tasks), *(o.name for o in m.outputs)]
-    names = [m.name, *(b.name for b in (*m.embeddings, *m.experts, *m.gates, *m.towers))]
-    bad = [n for n in names if name_problem(n) is not None] + [n for n in local if name_problem(n, local=True) is not None]
+    local = [*(t.name for t in m.tasks), *(o.name for o in m.outputs),
+             *(b.name for b in (*m.embeddings, *m.experts, *m.gates))]
+    attributes = [m.name, *(t.name for t in m.towers), *(f"transfer_{tr.source}_{tr.target}" for tr in m.transfers)]
+    bad = [n for n in attributes if name_problem(n, local=False) is not None] + \
+        [n for n in local if name_problem(n, local=True) is not None]
     assert not bad, f"unsafe names passed the check: {bad}"
 
 

@@ -9,6 +9,7 @@ import pytest
 from mtldsl import syntax as s
 from mtldsl.diagnostics import Diagnostic, Span
 from mtldsl.parser import _lark, parse_file, parse_text
+from mtldsl.vocab import TaskKind
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -82,6 +83,19 @@ def test_spans_are_one_based_and_end_exclusive() -> None:
     assert route.group.span == Span(5, 7, 5, 14)
 
 
+def test_declared_names_and_train_values_have_their_own_spans() -> None:
+    """What validate.py points at (Note [Spans in the IR]): the name of a declaration, a train value."""
+    spec = parse(SPANNED + "output o = ctr * cvr\nembedding emb { dim 8 }\nexperts x {}\ntrain { monitor  ctr.auc }\n")
+    model, task, gate, output, emb, experts, train = spec.items
+    assert isinstance(model, s.ModelDecl) and model.name_span == Span(1, 7, 1, 8)
+    assert isinstance(task, s.TaskDecl) and task.name_span == Span(2, 6, 2, 9)
+    assert isinstance(gate, s.GateDecl) and gate.name_span == Span(3, 6, 3, 7)
+    assert isinstance(output, s.OutputDecl) and output.name_span == Span(7, 8, 7, 9)
+    assert isinstance(emb, s.EmbeddingDecl) and emb.name_span == Span(8, 11, 8, 14)
+    assert isinstance(experts, s.ExpertsDecl) and experts.name_span == Span(9, 9, 9, 10)
+    assert isinstance(train, s.TrainDecl) and train.props[0].value_span == Span(10, 18, 10, 25)
+
+
 def test_spans_count_tabs_as_one_column() -> None:
     task = parse("\ttask ctr binary label click").items[0]
     assert isinstance(task, s.TaskDecl)
@@ -97,10 +111,10 @@ RULES: list[tuple[str, tuple[s.Item, ...]]] = [
     ('model m "raw\ttab, CR\r, NUL\x00 are themselves"', (s.ModelDecl("m", "raw\ttab, CR\r, NUL\x00 are themselves"),)),
     ("data synthetic", (s.DataDecl("synthetic"),)),
     ('data "data/ali ccp"', (s.DataDecl("data/ali ccp", is_path=True),)),
-    ("task ctr binary label click", (s.TaskDecl("ctr", "binary", L("click")),)),
+    ("task ctr binary label click", (s.TaskDecl("ctr", TaskKind.binary, L("click")),)),
     (
         'task t regression label "101" * b where c * "d"',
-        (s.TaskDecl("t", "regression", L(Q("101"), "b"), L("c", Q("d"))),),
+        (s.TaskDecl("t", TaskKind.regression, L(Q("101"), "b"), L("c", Q("d"))),),
     ),
     ("output ctcvr = ctr * cvr", (s.OutputDecl("ctcvr", (N("ctr"), N("cvr"))),)),
     (
@@ -111,7 +125,7 @@ RULES: list[tuple[str, tuple[s.Item, ...]]] = [
     ("loss ctr weight 2", (s.LossDecl(N("ctr"), 2),)),
     ("loss ctr weight 0.5", (s.LossDecl(N("ctr"), 0.5),)),
     ("loss ctr where c label a * b weight 1.0", (s.LossDecl(N("ctr"), 1.0, L("a", "b"), L("c")),)),
-    ("loss ctr weight 1 weight 3", (s.LossDecl(N("ctr"), 3),)),  # the last wins; validate.py reports repeats
+    ("loss ctr weight 1 weight 3", (s.LossDecl(N("ctr"), 3),)),  # the last wins (nothing reports the repeat yet)
     ("embedding e { }", (s.EmbeddingDecl("e", None, ()),)),
     ("embedding e shared { dim 16 }", (s.EmbeddingDecl("e", SHARED, (P("dim", 16),)),)),
     (

@@ -15,6 +15,7 @@ from mtldsl import syntax as s
 from mtldsl.diagnostics import SpecError, render_all
 from mtldsl.parser import parse_text
 from mtldsl.printer import format_file, print_spec
+from mtldsl.vocab import TaskKind
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 SHIPPED = sorted(SPECS.glob("*.mtl"))
@@ -252,7 +253,7 @@ def _emb(value: object, key: str = "dim") -> s.Spec:
         s.Spec((s.ModelDecl("not a name"),)),
         s.Spec((s.ModelDecl("1st"),)),
         s.Spec((s.TaskDecl("t", "binry", s.LabelExpr((s.Column("c"),))),)),
-        s.Spec((s.TaskDecl("t", "binary", s.LabelExpr(())),)),
+        s.Spec((s.TaskDecl("t", TaskKind.binary, s.LabelExpr(())),)),
         s.Spec((s.OutputDecl("o", (s.NameRef("a"),)),)),
         s.Spec((s.LossDecl(s.NameRef("a"), math.nan),)),
         s.Spec((s.LossDecl(s.NameRef("a"), -0.0),)),

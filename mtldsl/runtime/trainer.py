@@ -37,8 +37,9 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..diagnostics import SpecError, did_you_mean
-from ..ir import METRICS, OPTIMIZERS, WEIGHTINGS, Model, TaskKind
+from ..ir import Model, TaskKind
 from ..pipeline import Checked, check_text
+from ..vocab import Metric, Optimizer, Weighting, names
 from . import runs
 from .metrics import Accumulator
 
@@ -168,8 +169,8 @@ def _validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--patience must not be negative, got {cfg.patience}")
     if cfg.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every must not be negative, got {cfg.checkpoint_every}")
-    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("weighting", cfg.weighting, WEIGHTINGS)
+    _choice("optimizer", cfg.optimizer, names(Optimizer))
+    _choice("weighting", cfg.weighting, names(Weighting))
     _choice("--sparse-embeddings setting", cfg.sparse_embeddings, SPARSE_CHOICES)
     _choice("precision", cfg.precision, PRECISIONS)
     if cfg.sparse_embeddings == "on" and cfg.weight_decay > 0:
@@ -423,9 +424,9 @@ class Monitor:
 
 def _monitor(name: str, objective: Objective, has_groups: bool) -> Monitor:
     output, _, metric = name.rpartition(".")
-    if not output or metric not in METRICS:
+    if not output or metric not in names(Metric):
         raise ConfigError(f"monitor '{name}' must be <output>.<metric> or mean.<metric>, metric one of "
-                          + ", ".join(METRICS))
+                          + ", ".join(names(Metric)))
     kinds = objective.metric_kinds
     if output == "mean":
         candidates = [k for k in kinds if "@" not in k]
