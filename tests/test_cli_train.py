@@ -191,7 +191,8 @@ def test_spec_fields_missing_from_the_data_are_positioned(tmp_path: Path) -> Non
 @pytest.mark.parametrize(("flags", "message"), [
     (["--optimizer", "adamm"], "error: unknown optimizer 'adamm' (did you mean 'adam'?)"),
     (["--weighting", "uwll"], "error: unknown weighting 'uwll' (did you mean 'uwl'?)"),
-    (["--monitor", "ctr.mse"], "error: monitor 'ctr.mse': 'ctr' has no metric 'mse'"),
+    (["--monitor", "ctr.mse"], "error: monitor 'ctr.mse': mse needs a regression output, and 'ctr' is binary "
+                               "(monitor 'ctr.auc' or 'ctr.logloss')"),
     (["--epochs", "0"], "error: --epochs must be positive, got 0"),
     (["--device", "tpu"], "error: unknown device 'tpu'"),
     (["--resume"], "error: --resume needs --out RUN_DIR"),
