@@ -8,7 +8,10 @@ modules below registers their commands on it (they import only app.py and the li
 
 from __future__ import annotations
 
-from . import run, spec, tools  # noqa: F401  (register their commands on the app)
+# Importing a command module registers its commands on the app, in this order (the order --help lists them).
+from . import spec  # noqa: I001,F401  check, compile, graph
+from . import run  # noqa: F401  train, evaluate, predict
+from . import tools  # noqa: F401  export, data prepare
 from .app import app
 
 __all__ = ["app", "main"]

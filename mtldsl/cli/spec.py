@@ -7,14 +7,17 @@ they stay under a second. Diagnostics go to stderr without rich markup, sorted b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from .app import app
 
+if TYPE_CHECKING:
+    from ..pipeline import Checked
 
-def _report(checked, strict: bool) -> bool:
+
+def _report(checked: Checked, strict: bool) -> bool:
     """Print a spec's diagnostics to stderr; True when it may proceed."""
     from ..diagnostics import render_all
 
@@ -24,7 +27,7 @@ def _report(checked, strict: bool) -> bool:
     return not checked.errors and not (strict and warnings)
 
 
-def _check(spec: Path, data_dir: Optional[str]):
+def _check(spec: Path, data_dir: Optional[str]) -> Checked:
     from ..pipeline import check_file
 
     if not spec.is_file():
