@@ -363,6 +363,21 @@ def test_monitor_validation(tmp_path: Path) -> None:
     assert result.metrics["monitor"] == "cvr@click.logloss"
 
 
+def test_train_options_are_declared_once() -> None:
+    """train()'s keywords and TrainConfig's fields come from config.OPTIONS; a misspelt option fails loudly."""
+    import dataclasses
+    import inspect
+
+    from mtldsl.runtime.config import OPTIONS, TrainConfig
+
+    params = inspect.signature(train).parameters
+    assert list(params)[1:] == [o.name for o in OPTIONS if o.keyword]
+    assert all(params[o.name].default == o.default for o in OPTIONS if o.keyword)
+    assert [f.name for f in dataclasses.fields(TrainConfig)] == [o.name for o in OPTIONS if o.recorded]
+    with pytest.raises(TypeError, match=r"train\(\) got an unexpected keyword argument 'epoch' \(did you mean 'epochs'\?\)"):
+        train(ROOT / "specs" / "esmm.mtl", epoch=1)
+
+
 def test_format_table_aligns_columns() -> None:
     table = format_table({"ctr": {"auc": 0.71234, "logloss": 0.2, "gauc": math.nan, "n": 10.0},
                           "cvr@click": {"auc": 0.6, "logloss": 0.31, "n": 3.0}})
