@@ -53,7 +53,9 @@ def train_cmd(spec: Path, **flags: Any) -> None:
     if not spec.is_file():
         typer.echo(f"{spec}: error: no such spec file", err=True)
         raise typer.Exit(1)
-    options = {o.name: (not flags[o.cli_name]) if o.negate else flags[o.cli_name] for o in OPTIONS if o.cli}
+    flagged = [o for o in OPTIONS if o.cli]
+    assert set(flags) == {o.cli_name for o in flagged}  # Typer passes exactly the flags of _train_flags()
+    options = {o.name: (not flags[o.cli_name]) if o.negate else flags[o.cli_name] for o in flagged}
 
     def go():  # type: ignore[no-untyped-def]
         from ..runtime.trainer import train

@@ -3,8 +3,8 @@
 `train(spec, **options)` checks the spec against the real dataset's schema (missing fields are positioned
 SpecErrors), compiles and instantiates the generated module and trains it (loop.py); its options are
 config.py's OPTIONS, the same as `mtldsl train`'s flags. `evaluate(run_dir)` and `predict(run_dir)` reload
-a run folder (spec.mtl, model.py, checkpoint.pt; runs.py describes the folder) through `load_run`,
-checkpoint.py's loader, which export.py's `load_model` shares.
+a run folder (spec.mtl, model.py, checkpoint.pt; runs.py describes the folder) with `load_run`; it reads
+the folder through checkpoint.read_run, as checkpoint.load_model does for the exporter (export.py).
 
 The names below are re-exported from the modules that define them, so `mtldsl.runtime.trainer` stays the
 one import for callers: config (TrainConfig, ConfigError), precision (device and autocast choice),
