@@ -12,7 +12,7 @@ RSS is per side. torch-rechub is a benchmark-only dependency (`pip install torch
     python benchmarks/vs_torch_rechub.py --model mmoe --precision fp32 --rechub-precision bf16
 
 --precision sets mtldsl's (auto: bf16 autocast where the CPU multiplies bf16 natively, AVX512-BF16
-or AMX; else fp32; Note [Mixed precision] in mtldsl/runtime/trainer.py). torch-rechub trains in fp32
+or AMX; else fp32; Note [Mixed precision] in mtldsl/runtime/precision.py). torch-rechub trains in fp32
 as shipped; --rechub-precision bf16 wraps its training and prediction in the same bf16 autocast, for
 a same-precision comparison.
 

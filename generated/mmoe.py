@@ -8,11 +8,11 @@ import torch
 from torch import Tensor, nn
 
 # mtldsl:standalone begin (from mtldsl/runtime/layers.py)
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "prelu", "softmax", "none")
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "prelu", "none")
 
 
 def _activation(name: str) -> nn.Module:
-    """A fresh activation module; softmax normalises the last axis (the features)."""
+    """A fresh activation module."""
     if name == "relu":
         return nn.ReLU(inplace=True)  # always follows a Linear/BatchNorm output, never a caller's tensor
     if name == "leaky_relu":
@@ -25,8 +25,6 @@ def _activation(name: str) -> nn.Module:
         return nn.GELU()
     if name == "prelu":
         return nn.PReLU()  # one parameter, like torch-rechub
-    if name == "softmax":
-        return nn.Softmax(dim=-1)
     if name == "none":
         return nn.Identity()
     raise ValueError(f"unknown activation {name!r}; expected one of: {', '.join(ACTIVATIONS)}")
@@ -210,7 +208,7 @@ class BatchedExperts(nn.Module):
         self.biases = nn.ParameterList()
         self.norms = nn.ModuleList()
         self.slopes = nn.ParameterList()  # prelu only: (n,) per layer
-        self.acts = nn.ModuleList()  # elementwise activations (all but prelu and softmax)
+        self.acts = nn.ModuleList()  # elementwise activations (all but prelu)
         d = d_in
         for width in self.dims:
             self.weights.append(nn.Parameter(torch.empty(n, d, width)))
@@ -219,7 +217,7 @@ class BatchedExperts(nn.Module):
                 self.norms.append(nn.BatchNorm1d(n * width))
             if activation == "prelu":
                 self.slopes.append(nn.Parameter(torch.full((n,), 0.25)))
-            elif activation != "softmax":
+            else:
                 self.acts.append(_activation(activation))
             d = width
         self.out_features = d
@@ -250,8 +248,6 @@ class BatchedExperts(nn.Module):
         if self.activation == "prelu":
             h = nn.functional.prelu(h.view(h.shape[0], self.n, -1), self.slopes[i])  # (B, n, d), slope per expert
             h = h.flatten(1)  # (B, n*d)
-        elif self.activation == "softmax":
-            h = torch.softmax(h.view(h.shape[0], self.n, -1), dim=-1).flatten(1)  # (B, n*d), within each expert
         else:
             h = self.acts[i](h)  # relu acts in place: h is always a fresh tensor, never the caller's
         if self.dropout > 0:

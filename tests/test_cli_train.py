@@ -191,7 +191,8 @@ def test_spec_fields_missing_from_the_data_are_positioned(tmp_path: Path) -> Non
 @pytest.mark.parametrize(("flags", "message"), [
     (["--optimizer", "adamm"], "error: unknown optimizer 'adamm' (did you mean 'adam'?)"),
     (["--weighting", "uwll"], "error: unknown weighting 'uwll' (did you mean 'uwl'?)"),
-    (["--monitor", "ctr.mse"], "error: monitor 'ctr.mse': 'ctr' has no metric 'mse'"),
+    (["--monitor", "ctr.mse"], "error: monitor 'ctr.mse': mse needs a regression output, and 'ctr' is binary "
+                               "(monitor 'ctr.auc' or 'ctr.logloss')"),
     (["--epochs", "0"], "error: --epochs must be positive, got 0"),
     (["--device", "tpu"], "error: unknown device 'tpu'"),
     (["--resume"], "error: --resume needs --out RUN_DIR"),
@@ -219,3 +220,17 @@ def test_evaluate_not_a_run_folder(tmp_path: Path) -> None:
 def test_front_end_stays_torch_free() -> None:
     code = "import mtldsl.cli, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_train_flags_are_the_declared_options() -> None:
+    """`mtldsl train`'s flags are runtime/config.py's OPTIONS, each listed in --help with its help text."""
+    from mtldsl.runtime.config import OPTIONS
+
+    result = CliRunner().invoke(app, ["train", "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    flags = [o for o in OPTIONS if o.cli]
+    assert {o.name for o in flags} >= {"epochs", "batch_size", "lr", "monitor", "precision", "sparse_embeddings"}
+    for o in flags:
+        assert o.flag in result.output, o.flag
+        if o.help:
+            assert " ".join(o.help.split()) in " ".join(result.output.split()), o.name

@@ -484,12 +484,12 @@ def test_data_moves_to_an_accelerator_only_when_it_fits() -> None:
 
 
 def test_training_on_streamed_batches_equals_resident_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mtldsl.runtime import trainer
+    from mtldsl.runtime import binding, trainer
 
     spec = Path(__file__).resolve().parents[1] / "specs" / "shared_bottom.mtl"
     kw = dict(rows=1200, epochs=1, batch_size=256, seed=2, progress=False, device="cpu", precision="fp32")
     resident = trainer.train(spec, out=tmp_path / "resident", **kw)  # type: ignore[arg-type]
-    monkeypatch.setattr(trainer, "data_fits", lambda nbytes, device, free=None: False)
+    monkeypatch.setattr(binding, "data_fits", lambda nbytes, device, free=None: False)
     delivered = []
     deliver = Split._deliver
 

@@ -153,12 +153,13 @@ def test_two_process_ddp_step_equals_one_process_on_the_global_batch(tmp_path: P
 
 def _initial(tmp: Path) -> dict[str, torch.Tensor]:
     """The untrained parameters (same seed) to show that the compared runs really trained."""
-    from mtldsl.runtime import trainer as T
+    from mtldsl.runtime import binding
 
     text = (tmp / "tiny.mtl").read_text()
-    p = T.prepare(text, str(tmp / "tiny.mtl"), data=None, data_dir=None, rows=ROWS, data_seed=0,
-                  device=torch.device("cpu"))
-    return T._instantiate(p.cls, T._vocab(p.cls, p.dataset.schema), 3, torch.device("cpu")).state_dict()
+    p = binding.prepare(text, str(tmp / "tiny.mtl"), data=None, data_dir=None, rows=ROWS, data_seed=0,
+                        device=torch.device("cpu"))
+    return binding.instantiate(p.cls, binding.vocab_sizes(p.cls, p.dataset.schema), 3,
+                               torch.device("cpu")).state_dict()
 
 
 def test_torchrun_end_to_end(tmp_path: Path) -> None:

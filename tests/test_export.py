@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import mtldsl
 from mtldsl.runtime import export as E
 from mtldsl.runtime import runs
+from mtldsl.runtime.checkpoint import FORMAT
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -53,7 +54,7 @@ def make_run(folder: Path, spec: Path, seed: int = 0) -> tuple[Path, dict[str, i
     folder.mkdir(parents=True, exist_ok=True)
     (folder / runs.SPEC).write_text(spec.read_text())
     (folder / runs.MODEL_SOURCE).write_text(source)
-    torch.save({"model": model.state_dict(), "vocab_sizes": vocab}, folder / runs.CHECKPOINT)
+    torch.save({"format": FORMAT, "model": model.state_dict(), "vocab_sizes": vocab}, folder / runs.CHECKPOINT)
     (folder / runs.METRICS).write_text(json.dumps({"model": spec.stem}))
     return folder, vocab
 
@@ -147,8 +148,12 @@ def test_bad_run_folders(tmp_path: Path) -> None:
     with pytest.raises(E.ExportError, match="no such run folder"):
         E.export_run(tmp_path / "nowhere", "onnx")
     run_dir, _ = make_run(tmp_path / "run", ROOT / "specs" / "esmm.mtl")
-    torch.save({"model": torch.load(run_dir / runs.CHECKPOINT)["model"]}, run_dir / runs.CHECKPOINT)
+    model_state = torch.load(run_dir / runs.CHECKPOINT)["model"]
+    torch.save({"format": FORMAT, "model": model_state}, run_dir / runs.CHECKPOINT)
     with pytest.raises(E.ExportError, match="no 'vocab_sizes'"):
+        E.export_run(run_dir, "torchscript")
+    torch.save({"model": model_state, "vocab_sizes": {}}, run_dir / runs.CHECKPOINT)  # no format: not the trainer's
+    with pytest.raises(E.ExportError, match=r"not an mtldsl checkpoint \(format 1\)"):
         E.export_run(run_dir, "torchscript")
     (run_dir / runs.CHECKPOINT).unlink()
     with pytest.raises(E.ExportError, match="not a finished run folder"):

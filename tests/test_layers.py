@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from mtldsl import vocab
 from mtldsl.runtime import layers
 from mtldsl.runtime.layers import (
     ACTIVATIONS,
@@ -63,13 +64,18 @@ def rechub_mlp_params(d_in: int, dims: list[int], output_layer: bool, prelu: boo
     return total + (d + 1 if output_layer else 0)
 
 
+def test_activations_are_the_languages() -> None:
+    """layers.py cannot import mtldsl.vocab (its standalone section is copied into torch-only files): same list."""
+    assert ACTIVATIONS == vocab.names(vocab.Activation)
+
+
 # ---- BatchedExperts ----------------------------------------------------------------------------
 
 
 def reference_act(name: str) -> nn.Module:
     return {
         "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(),
-        "gelu": nn.GELU(), "prelu": nn.PReLU(), "softmax": nn.Softmax(dim=1), "none": nn.Identity(),
+        "gelu": nn.GELU(), "prelu": nn.PReLU(), "none": nn.Identity(),
     }[name]
 
 

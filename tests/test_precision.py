@@ -1,4 +1,4 @@
-"""Mixed precision (trainer Note [Mixed precision]): when `auto` picks bf16, that logits stay float32 under
+"""Mixed precision (precision.py Note [Mixed precision]): when `auto` picks bf16, that logits stay float32 under
 bf16 autocast (layers Note [Float32 logits]), that a table casts its output once, and that bf16 runs
 train, record their choice, predict without ties and resume."""
 

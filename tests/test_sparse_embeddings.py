@@ -1,4 +1,4 @@
-"""Sparse embedding updates (trainer Note [Sparse embedding updates]): when they apply, that they are lazy
+"""Sparse embedding updates (optim.py Note [Sparse embedding updates]): when they apply, that they are lazy
 Adam on the looked-up rows only, and that runs using them train, resume and weight losses like dense ones."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtldsl.runtime import trainer
+from mtldsl.runtime import config, optim, trainer
 from mtldsl.runtime.trainer import ConfigError, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,22 +26,22 @@ def _cfg(**kw: object) -> TrainConfig:
 
 
 def test_auto_turns_on_for_large_tables_only() -> None:
-    big, small = trainer.SPARSE_AUTO_BYTES, trainer.SPARSE_AUTO_BYTES - 1
-    assert trainer._use_sparse(_cfg(), big, distributed=False)
-    assert not trainer._use_sparse(_cfg(), small, distributed=False)
-    assert not trainer._use_sparse(_cfg(weight_decay=1e-4), big, distributed=False)  # sparse rows take no decay
-    assert not trainer._use_sparse(_cfg(), big, distributed=True)
-    assert trainer._use_sparse(_cfg(sparse_embeddings="on"), 0, distributed=False)
-    assert not trainer._use_sparse(_cfg(sparse_embeddings="off"), big, distributed=False)
+    big, small = optim.SPARSE_AUTO_BYTES, optim.SPARSE_AUTO_BYTES - 1
+    assert optim.use_sparse(_cfg(), big, distributed=False)
+    assert not optim.use_sparse(_cfg(), small, distributed=False)
+    assert not optim.use_sparse(_cfg(weight_decay=1e-4), big, distributed=False)  # sparse rows take no decay
+    assert not optim.use_sparse(_cfg(), big, distributed=True)
+    assert optim.use_sparse(_cfg(sparse_embeddings="on"), 0, distributed=False)
+    assert not optim.use_sparse(_cfg(sparse_embeddings="off"), big, distributed=False)
     with pytest.raises(ConfigError, match="torchrun"):
-        trainer._use_sparse(_cfg(sparse_embeddings="on"), 0, distributed=True)
+        optim.use_sparse(_cfg(sparse_embeddings="on"), 0, distributed=True)
 
 
 def test_bad_settings_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="weight decay"):
-        trainer._validate_config(_cfg(sparse_embeddings="on", weight_decay=1e-4))
+        config.validate_config(_cfg(sparse_embeddings="on", weight_decay=1e-4))
     with pytest.raises(ConfigError, match="unknown --sparse-embeddings setting 'of'"):
-        trainer._validate_config(_cfg(sparse_embeddings="of"))
+        config.validate_config(_cfg(sparse_embeddings="of"))
 
 
 def test_table_bytes_reads_the_largest_table_without_allocating_it() -> None:
@@ -53,7 +53,7 @@ def test_table_bytes_reads_the_largest_table_without_allocating_it() -> None:
     cls = getattr(load_module(compile_spec(spec), "mmoe_bytes"), class_name(spec.model.name))
     vocab = {f: SYNTHETIC_VOCAB[f] * 1000 for f in cls.SPARSE_FIELDS}
     # one shared table of dim 16 over all 23 fields: 1,530,000 rows x 16 floats (98 MiB), not allocated
-    assert trainer._table_bytes(cls, vocab) == sum(vocab.values()) * 16 * 4
+    assert optim.table_bytes(cls, vocab) == sum(vocab.values()) * 16 * 4
 
 
 def _trainer(tmp: Path, spec: Path, sparse: str, **kw: object) -> trainer.Trainer:

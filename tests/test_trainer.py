@@ -19,7 +19,7 @@ import torch
 
 from mtldsl.diagnostics import SpecError
 from mtldsl.pipeline import check_text
-from mtldsl.runtime import runs, trainer
+from mtldsl.runtime import loop, objective, runs, trainer
 from mtldsl.runtime.trainer import ConfigError, Objective, TrainingDiverged, format_table, shared_parameters, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,8 +144,8 @@ def _untrained_metrics(result: trainer.RunResult) -> dict:
     run = trainer.load_run(result.run_dir, device="cpu")
     torch.manual_seed(12345)
     fresh = run.prepared.cls(run.checkpoint["vocab_sizes"]).eval()
-    return trainer._evaluate(fresh, run.prepared.splits["test"], run.prepared.objective, 4096, torch.device("cpu"),
-                             run.precision)
+    return objective.evaluate_split(fresh, run.prepared.splits["test"], run.prepared.objective, 4096,
+                                    torch.device("cpu"), run.precision)
 
 
 def test_larger_synthetic_run_learns(tmp_path: Path) -> None:
@@ -354,12 +354,28 @@ loss watch
 
 def test_monitor_validation(tmp_path: Path) -> None:
     spec = ROOT / "specs" / "esmm.mtl"
-    for monitor, message in [("cvr.acu", "metric one of"), ("cvvr.auc", "did you mean 'cvr'"),
-                             ("ctr.mse", "no metric 'mse'")]:
+    for monitor, message in [("cvr.acu", r"unknown metric 'acu' \(did you mean 'auc'\?\)"),
+                             ("cvvr.auc", "did you mean 'cvr'"),
+                             ("ctr.mse", "mse needs a regression output, and 'ctr' is binary")]:
         with pytest.raises(ConfigError, match=message):
             _quick(spec, tmp_path, monitor=monitor)
     result = _quick(spec, tmp_path / "ok", monitor="cvr@click.logloss")
     assert result.metrics["monitor"] == "cvr@click.logloss"
+
+
+def test_train_options_are_declared_once() -> None:
+    """train()'s keywords and TrainConfig's fields come from config.OPTIONS; a misspelt option fails loudly."""
+    import dataclasses
+    import inspect
+
+    from mtldsl.runtime.config import OPTIONS, TrainConfig
+
+    params = inspect.signature(train).parameters
+    assert list(params)[1:] == [o.name for o in OPTIONS if o.keyword]
+    assert all(params[o.name].default == o.default for o in OPTIONS if o.keyword)
+    assert [f.name for f in dataclasses.fields(TrainConfig)] == [o.name for o in OPTIONS if o.recorded]
+    with pytest.raises(TypeError, match=r"train\(\) got an unexpected keyword argument 'epoch' \(did you mean 'epochs'\?\)"):
+        train(ROOT / "specs" / "esmm.mtl", epoch=1)
 
 
 def test_format_table_aligns_columns() -> None:
@@ -384,7 +400,7 @@ def test_runs_atomic_write_keeps_old_content_on_failure(tmp_path: Path) -> None:
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = trainer._evaluate
+    original = loop.evaluate_split
     planted = iter([0.60, 0.70, 0.65, 0.64, 0.90])  # val cvr.auc per epoch; epoch 5 never comes (patience 2)
 
     def fake(model, split, objective, batch_size, device, precision):  # type: ignore[no-untyped-def]
@@ -393,7 +409,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path: Path, monkeypatch: pytest
             metrics["cvr"]["auc"] = next(planted)
         return metrics
 
-    monkeypatch.setattr(trainer, "_evaluate", fake)
+    monkeypatch.setattr(loop, "evaluate_split", fake)
     result = _quick(ROOT / "specs" / "shared_bottom.mtl", tmp_path, rows=1000, epochs=6, patience=2)
     assert result.best_epoch == 2 and result.metrics["best_value"] == pytest.approx(0.70)
     assert result.metrics["train"]["epochs"] == 4 and result.metrics["train"]["stopped_early"]

@@ -335,45 +335,18 @@ def export_model(model: nn.Module, path: str | Path, fmt: str, vocab_sizes: Mapp
 
 
 def load_trained(run_dir: str | Path) -> tuple[nn.Module, dict[str, int]]:
-    """The trained module of a run folder (model.py + checkpoint.pt), on the CPU in eval mode, and its vocab sizes.
+    """The trained module of a run folder (model.py + checkpoint.pt), on the CPU in eval mode, and its vocab sizes:
+    checkpoint.load_model, the run-folder loader evaluate and predict share, with its errors as ExportErrors.
 
     No dataset is needed: the checkpoint records the vocabulary sizes the model was built with.
     """
-    from .. import load_module
-    from . import runs
+    from .checkpoint import load_model
+    from .config import ConfigError
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ExportError(f"{run_dir}: no such run folder")
-    for name in (runs.MODEL_SOURCE, runs.CHECKPOINT):
-        if not (run_dir / name).is_file():
-            raise ExportError(f"{run_dir}: not a finished run folder (no {name})")
-    source = (run_dir / runs.MODEL_SOURCE).read_text(encoding="utf-8")
     try:
-        module = load_module(source, "mtldsl_export")
-    except Exception as e:  # a hand-edited model.py
-        raise ExportError(f"{run_dir / runs.MODEL_SOURCE}: cannot load the generated source ({type(e).__name__}: {e})") from e
-    classes = [v for v in vars(module).values()
-               if isinstance(v, type) and issubclass(v, nn.Module) and hasattr(v, "OUTPUTS") and hasattr(v, "SPARSE_FIELDS")]
-    if len(classes) != 1:
-        raise ExportError(f"{run_dir / runs.MODEL_SOURCE}: expected one generated model class, found {len(classes)}")
-    try:
-        ckpt = torch.load(run_dir / runs.CHECKPOINT, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ExportError(f"{run_dir / runs.CHECKPOINT}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), Mapping):
-        raise ExportError(f"{run_dir / runs.CHECKPOINT}: no model state (expected a dict with 'model')")
-    vocab = ckpt.get("vocab_sizes")
-    if not isinstance(vocab, Mapping):
-        raise ExportError(f"{run_dir / runs.CHECKPOINT}: no 'vocab_sizes': cannot rebuild the model's embedding tables")
-    vocab = {str(k): int(v) for k, v in vocab.items()}
-    cls = classes[0]
-    try:
-        model = cls(vocab, sparse_grad=False)
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError) as e:
-        raise ExportError(f"{run_dir}: checkpoint does not fit model.py ({type(e).__name__}: {e})") from None
-    return model.eval(), vocab
+        return load_model(run_dir)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, exporter: str = "auto",

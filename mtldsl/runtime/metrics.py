@@ -13,10 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["Accumulator", "auc", "gauc", "logloss", "mae", "mse", "BINARY", "REGRESSION"]
+from ..vocab import TaskKind
 
-BINARY = "binary"
-REGRESSION = "regression"
+__all__ = ["Accumulator", "auc", "gauc", "logloss", "mae", "mse"]
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -113,17 +112,18 @@ def mae(pred: Tensor, target: Tensor) -> float:
     return float((a - b).abs().mean().item()) if a.numel() else math.nan
 
 
-def _kind(kind: object) -> str:
-    value = getattr(kind, "value", kind)  # accepts ir.TaskKind members and plain strings
-    if value not in (BINARY, REGRESSION):
-        raise ValueError(f"unknown task kind {kind!r} (binary, regression)")
-    return str(value)
+def _kind(kind: object) -> TaskKind:
+    value = getattr(kind, "value", kind)  # accepts TaskKind members (vocab's or ir's) and plain strings
+    try:
+        return TaskKind(value)
+    except ValueError:
+        raise ValueError(f"unknown task kind {kind!r} (binary, regression)") from None
 
 
 class Accumulator:
     """Collects predictions and labels per output across batches, on their device; computes metrics at the end.
 
-    kinds: {output name: "binary" | "regression"} (or ir.TaskKind). Each `update` appends detached
+    kinds: {output name: "binary" | "regression"} (or a TaskKind). Each `update` appends detached
     tensors (no `.item()`, no host sync); `compute` concatenates once, moves to the CPU and returns
     {name: {"auc", "logloss", "gauc"?, "n"} | {"mse", "mae", "n"}}. gauc is reported when groups were
     passed to every update. `masks[name]` (0/1 or bool per row) restricts an output to a domain, e.g. the
@@ -194,7 +194,7 @@ class Accumulator:
             if mask is not None:
                 p, y = p[mask], y[mask]
                 g = None if g is None else g[mask]
-            if kind == BINARY:
+            if kind is TaskKind.binary:
                 m = {"auc": auc(p, y), "logloss": logloss(p, y)}
                 if g is not None:
                     m["gauc"] = gauc(p, y, g)

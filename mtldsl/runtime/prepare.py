@@ -340,6 +340,132 @@ def _find_raw(raw: Path) -> dict[str, Path]:
     return found
 
 
+class _Bars:
+    """Byte-progress bars (tqdm on stderr, one at a time) and one-line notes; a note closes the bar of its pass."""
+
+    def __init__(self, progress: bool, log: Callable[[str], None] | None) -> None:
+        self.progress, self.log = progress, log
+        self.bars: list[Any] = []
+
+    def close(self) -> None:
+        for b in self.bars:
+            b.close()
+        self.bars.clear()
+
+    def say(self, message: str) -> None:
+        self.close()  # a pass has ended: its bar goes before the note is printed
+        if self.log is not None:
+            self.log(message)
+
+    def bar(self, path: Path, what: str) -> Callable[[int], None] | None:
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        self.close()
+        # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
+        b = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=what, leave=False, dynamic_ncols=True,
+                 disable=None)
+        self.bars.append(b)
+        return b.update
+
+
+@dataclass
+class _TrainCounts:
+    """Pass 1 over the train rows (val held out): raw id counts per sparse field, dense ranges, rows."""
+
+    counts: dict[str, Counter[str]]
+    lo: np.ndarray
+    hi: np.ndarray
+    n_train: int
+
+
+def _count_train(skeleton: Path, index: _CommonIndex, sparse: Sequence[str], wanted: frozenset[str],
+                 dense_sources: tuple[str, ...], val_share: float, row_group_size: int,
+                 progress: Callable[[int], None] | None) -> _TrainCounts:
+    counts: dict[str, Counter[str]] = {f: Counter() for f in sparse}
+    lo = np.full(len(dense_sources), np.inf)
+    hi = np.full(len(dense_sources), -np.inf)
+    chunk: list[list[float]] = []  # dense values, reduced to min/max every row_group_size rows
+
+    def reduce_chunk() -> None:
+        nonlocal lo, hi
+        if chunk:
+            a = np.asarray(chunk, dtype=np.float64)
+            lo, hi = np.minimum(lo, a.min(axis=0)), np.maximum(hi, a.max(axis=0))
+            chunk.clear()
+
+    ignore: Counter[str] = Counter()
+    n_train = 0
+    for row in _rows(skeleton, "train", index, wanted, dense_sources, ignore, progress):
+        if _is_val(row.sample_id, val_share):
+            continue
+        n_train += 1
+        feats = row.features
+        for f in sparse:
+            entry = feats.get(f)
+            if entry is not None:
+                counts[f][entry[0]] += 1
+        chunk.append(row.dense)
+        if len(chunk) >= row_group_size:
+            reduce_chunk()
+    reduce_chunk()
+    if n_train == 0:
+        raise DataError(f"{skeleton}: no training rows (empty file, or every sample fell into val or was dropped)")
+    return _TrainCounts(counts, lo, hi, n_train)
+
+
+def _scaler(low: float, high: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Min-max scaling of a dense column to [0, 1] by its train range."""
+    span = float(high - low)
+    if not span > 0:  # a constant column carries no information: 0 everywhere
+        return lambda a: np.zeros(a.shape, dtype=np.float64)
+    return lambda a: np.clip((a.astype(np.float64) - low) / span, 0.0, 1.0)
+
+
+def _write_splits(files: Mapping[str, Path], work: Path, index: _CommonIndex, schema: Any, wanted: frozenset[str],
+                  dense_sources: tuple[str, ...], vocab: Mapping[str, Mapping[str, int]], train: _TrainCounts,
+                  val_share: float, row_group_size: int, bars: _Bars) -> tuple[dict[str, _SplitWriter], Counter[str]]:
+    """Pass 2: map every row's ids and scale its dense values, into train/val/test Parquet files in `work`."""
+    import pyarrow as pa
+
+    sparse = schema.sparse
+    columns = [(c, pa.int8()) for c in LABELS] + [(f, pa.int32()) for f in sparse] + [(d, pa.float32()) for d in schema.dense]
+    post = {d: _scaler(float(train.lo[j]), float(train.hi[j])) for j, d in enumerate(schema.dense)}
+    writers = {s: _SplitWriter(work / f"{s}.parquet", columns, row_group_size, post) for s in ("train", "val", "test")}
+    maps = [vocab[f] for f in sparse]
+    skipped: Counter[str] = Counter()
+    for split, table in (("train", "train"), ("test", "test")):
+        skeleton = files[f"sample_skeleton_{split}"]
+        for row in _rows(skeleton, table, index, wanted, dense_sources, skipped,
+                         bars.bar(skeleton, f"write {skeleton.name}")):
+            target = split if split == "test" else ("val" if _is_val(row.sample_id, val_share) else "train")
+            feats = row.features
+            ids = [m.get(feats[f][0], 0) if f in feats else 0 for f, m in zip(sparse, maps)]
+            writers[target].append((row.click, row.purchase, *ids, *row.dense))
+    for w in writers.values():
+        w.close()
+    for s, w in writers.items():
+        if w.written == 0:
+            raise DataError(f"no {s} rows were written (check the raw files and --val-share)")
+    return writers, skipped
+
+
+def _write_vocab(path: Path, sparse: Sequence[str], vocab: Mapping[str, Mapping[str, int]],
+                 counts: Mapping[str, Counter[str]]) -> None:
+    """vocab.parquet: field, raw_id, id, count of every kept raw id."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vocab_table = pa.table({
+        "field": pa.array([f for f in sparse for _ in vocab[f]], pa.string()),
+        "raw_id": pa.array([fid for f in sparse for fid in vocab[f]], pa.string()),
+        "id": pa.array([i for f in sparse for i in vocab[f].values()], pa.int32()),
+        "count": pa.array([counts[f][fid] for f in sparse for fid in vocab[f]], pa.int64()),
+    })
+    pq.write_table(vocab_table, str(path))
+
+
 def prepare_ali_ccp(
     raw: str | Path,
     out: str | Path | None = None,
@@ -367,14 +493,7 @@ def prepare_ali_ccp(
     raw = Path(raw).expanduser()
     out = Path(out).expanduser() if out is not None else default_out()
     files = _find_raw(raw)
-    bars: list[Any] = []
-
-    def say(message: str) -> None:
-        for b in bars:  # a pass has ended: its bar goes before the note is printed
-            b.close()
-        bars.clear()
-        if log is not None:
-            log(message)
+    bars = _Bars(progress, log)
 
     schema = KNOWN_DATASETS["ali_ccp"].schema
     sparse = schema.sparse
@@ -384,116 +503,40 @@ def prepare_ali_ccp(
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
     index = _CommonIndex(work / "common.sqlite", cache_size)
-
-    def bar(path: Path, what: str) -> Callable[[int], None] | None:
-        if not progress:
-            return None
-        from tqdm import tqdm
-
-        for b in bars:
-            b.close()
-        bars.clear()
-        # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
-        b = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=what, leave=False, dynamic_ncols=True,
-                 disable=None)
-        bars.append(b)
-        return b.update
-
     try:
         for split in ("train", "test"):
             path = files[f"common_features_{split}"]
-            n = index.build(split, path, wanted, bar(path, f"index {path.name}"))
-            say(f"indexed {n} common-feature lines of {path.name}")
+            n = index.build(split, path, wanted, bars.bar(path, f"index {path.name}"))
+            bars.say(f"indexed {n} common-feature lines of {path.name}")
 
         # pass 1: id counts and dense ranges over the train rows
         skeleton = files["sample_skeleton_train"]
-        counts: dict[str, Counter[str]] = {f: Counter() for f in sparse}
-        lo = np.full(len(dense_sources), np.inf)
-        hi = np.full(len(dense_sources), -np.inf)
-        chunk: list[list[float]] = []  # dense values, reduced to min/max every row_group_size rows
-
-        def reduce_chunk() -> None:
-            nonlocal lo, hi
-            if chunk:
-                a = np.asarray(chunk, dtype=np.float64)
-                lo, hi = np.minimum(lo, a.min(axis=0)), np.maximum(hi, a.max(axis=0))
-                chunk.clear()
-
-        ignore: Counter[str] = Counter()
-        n_train = 0
-        for row in _rows(skeleton, "train", index, wanted, dense_sources, ignore, bar(skeleton, f"count {skeleton.name}")):
-            if _is_val(row.sample_id, val_share):
-                continue
-            n_train += 1
-            feats = row.features
-            for f in sparse:
-                entry = feats.get(f)
-                if entry is not None:
-                    counts[f][entry[0]] += 1
-            chunk.append(row.dense)
-            if len(chunk) >= row_group_size:
-                reduce_chunk()
-        reduce_chunk()
-        if n_train == 0:
-            raise DataError(f"{skeleton}: no training rows (empty file, or every sample fell into val or was dropped)")
-
+        train = _count_train(skeleton, index, sparse, wanted, dense_sources, val_share, row_group_size,
+                             bars.bar(skeleton, f"count {skeleton.name}"))
+        counts, lo, hi = train.counts, train.lo, train.hi
         vocab: dict[str, dict[str, int]] = {}
         for f in sparse:
             kept = sorted(((c, fid) for fid, c in counts[f].items() if c >= min_count), key=lambda x: (-x[0], x[1]))
             vocab[f] = {fid: i for i, (_, fid) in enumerate(kept, 1)}
         vocab_sizes = {f: len(vocab[f]) + 1 for f in sparse}
         raw_ids = {f: len(counts[f]) for f in sparse}
-        say(f"counted {n_train} train rows: {sum(raw_ids.values())} distinct raw ids, "
-            f"{sum(vocab_sizes.values()) - len(sparse)} seen at least {min_count} times")
+        bars.say(f"counted {train.n_train} train rows: {sum(raw_ids.values())} distinct raw ids, "
+                 f"{sum(vocab_sizes.values()) - len(sparse)} seen at least {min_count} times")
 
         # pass 2: map and write
-        import pyarrow as pa
-
-        columns = [(c, pa.int8()) for c in LABELS] + [(f, pa.int32()) for f in sparse] + [(d, pa.float32()) for d in schema.dense]
-
-        def scaler(j: int) -> Callable[[np.ndarray], np.ndarray]:
-            low, span = float(lo[j]), float(hi[j] - lo[j])
-            if not span > 0:  # a constant column carries no information: 0 everywhere
-                return lambda a: np.zeros(a.shape, dtype=np.float64)
-            return lambda a: np.clip((a.astype(np.float64) - low) / span, 0.0, 1.0)
-
-        post = {d: scaler(j) for j, d in enumerate(schema.dense)}
-        writers = {s: _SplitWriter(work / f"{s}.parquet", columns, row_group_size, post) for s in ("train", "val", "test")}
-        maps = [vocab[f] for f in sparse]
-        skipped: Counter[str] = Counter()
-
-        for split, table in (("train", "train"), ("test", "test")):
-            skeleton = files[f"sample_skeleton_{split}"]
-            for row in _rows(skeleton, table, index, wanted, dense_sources, skipped,
-                             bar(skeleton, f"write {skeleton.name}")):
-                target = split if split == "test" else ("val" if _is_val(row.sample_id, val_share) else "train")
-                feats = row.features
-                ids = [m.get(feats[f][0], 0) if f in feats else 0 for f, m in zip(sparse, maps)]
-                writers[target].append((row.click, row.purchase, *ids, *row.dense))
-        for w in writers.values():
-            w.close()
+        writers, skipped = _write_splits(files, work, index, schema, wanted, dense_sources, vocab, train, val_share,
+                                         row_group_size, bars)
         rows = {s: w.written for s, w in writers.items()}
-        for s, n in rows.items():
-            if n == 0:
-                raise DataError(f"no {s} rows were written (check the raw files and --val-share)")
         if skipped[_NOISE]:
-            say(f"dropped {skipped[_NOISE]} rows with click=0, purchase=1")
+            bars.say(f"dropped {skipped[_NOISE]} rows with click=0, purchase=1")
         if skipped[_NO_COMMON]:
-            say(f"{skipped[_NO_COMMON]} rows have a common_feature_index missing from the common-features file: "
-                "their user fields are 0")
+            bars.say(f"{skipped[_NO_COMMON]} rows have a common_feature_index missing from the common-features file: "
+                     "their user fields are 0")
 
         # side files
         final_schema = replace(schema, vocab_sizes=vocab_sizes)
         (work / SCHEMA_FILE).write_text(schema_to_json(final_schema, with_vocab=True), encoding="utf-8")
-        vocab_table = pa.table({
-            "field": pa.array([f for f in sparse for _ in vocab[f]], pa.string()),
-            "raw_id": pa.array([fid for f in sparse for fid in vocab[f]], pa.string()),
-            "id": pa.array([i for f in sparse for i in vocab[f].values()], pa.int32()),
-            "count": pa.array([counts[f][fid] for f in sparse for fid in vocab[f]], pa.int64()),
-        })
-        import pyarrow.parquet as pq
-
-        pq.write_table(vocab_table, str(work / "vocab.parquet"))
+        _write_vocab(work / "vocab.parquet", sparse, vocab, counts)
         dense_range = {d: (float(lo[j]), float(hi[j])) for j, d in enumerate(schema.dense)}
         report = PrepareReport(
             out=out,
@@ -531,8 +574,7 @@ def prepare_ali_ccp(
             written[name] = str(out / name)
         return replace(report, files=written)
     finally:
-        for b in bars:
-            b.close()
+        bars.close()
         with contextlib.suppress(sqlite3.Error):
             index.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -35,11 +35,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import vocab
+
 __all__ = ["NAMES", "GradNorm", "MetaBalance", "PCGrad", "Fixed", "UWL", "Weighting", "last_shared_layer", "make"]
 
 log = logging.getLogger(__name__)
 
-NAMES = ("fixed", "uwl", "gradnorm", "metabalance", "pcgrad")
+NAMES = vocab.names(vocab.Weighting)  # the strategies below, by the name a spec or --weighting gives
 _TINY = 1e-12  # guards divisions by gradient norms and losses that may be exactly zero
 
 
@@ -281,9 +283,9 @@ class UWL(Weighting):
         scale = []
         for t in self.tasks:
             kind = getattr(kinds.get(t, "binary"), "value", kinds.get(t, "binary"))
-            if kind not in ("binary", "regression"):
+            if kind not in vocab.names(vocab.TaskKind):
                 raise ValueError(f"uwl: task '{t}' has kind {kind!r}; expected 'binary' or 'regression'")
-            scale.append(1.0 if kind == "binary" else 0.5)
+            scale.append(1.0 if kind == vocab.TaskKind.binary.value else 0.5)
         self.log_var = nn.Parameter(torch.zeros(len(self.tasks)))  # s_t = log sigma_t^2
         self.register_buffer("scale", torch.tensor(scale))  # c_t
 
@@ -469,8 +471,9 @@ class PCGrad(Weighting):
         return self._result(fixed * ratio)
 
 
-_CLASSES: dict[str, type[Weighting]] = {"fixed": Fixed, "uwl": UWL, "gradnorm": GradNorm,
-                                        "metabalance": MetaBalance, "pcgrad": PCGrad}
+_CLASSES: dict[vocab.Weighting, type[Weighting]] = {
+    vocab.Weighting.fixed: Fixed, vocab.Weighting.uwl: UWL, vocab.Weighting.gradnorm: GradNorm,
+    vocab.Weighting.metabalance: MetaBalance, vocab.Weighting.pcgrad: PCGrad}
 
 
 def make(name: str, tasks: Sequence[str], weights: Mapping[str, float], shared: Sequence[nn.Parameter], *,
@@ -479,18 +482,19 @@ def make(name: str, tasks: Sequence[str], weights: Mapping[str, float], shared: 
     """The weighting strategy `name` (one of NAMES) for these tasks.
 
     target: MetaBalance's target task (default: the first task); kinds: task kind per task for UWL
-    ('binary' or 'regression', or ir.TaskKind; default binary); layer: GradNorm's W (default:
+    ('binary' or 'regression', or a TaskKind; default binary); layer: GradNorm's W (default:
     last_shared_layer(shared)). Options a strategy does not use are ignored.
     """
     key = name.strip().lower()
-    if key not in _CLASSES:
+    if key not in NAMES:
         close = difflib.get_close_matches(key, NAMES, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown loss weighting '{name}' (known: {', '.join(NAMES)}){hint}")
-    if key == "uwl":
+    strategy = vocab.Weighting(key)
+    if strategy is vocab.Weighting.uwl:
         return UWL(tasks, weights, shared, kinds=kinds)
-    if key == "metabalance":
+    if strategy is vocab.Weighting.metabalance:
         return MetaBalance(tasks, weights, shared, target=target)
-    if key == "gradnorm":
+    if strategy is vocab.Weighting.gradnorm:
         return GradNorm(tasks, weights, shared, layer=layer)
-    return _CLASSES[key](tasks, weights, shared)
+    return _CLASSES[strategy](tasks, weights, shared)

@@ -1,6 +1,6 @@
 """`mtldsl export` and `mtldsl data prepare`: thin commands over runtime/export.py and runtime/prepare.py.
 
-Registered on `mtldsl.cli.app` by the import at the bottom of cli.py. torch, pyarrow and the exporters
+Registered on the app of app.py. torch, pyarrow and the exporters
 are imported inside the commands only, so `mtldsl check`/`compile` stay fast. Expected failures print
 one `error:` line on stderr and exit 1.
 """
@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .cli import app
+from .app import app
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                        help="Dataset tools: convert raw public datasets into the folder layout `train --data` reads.")
@@ -38,7 +38,7 @@ def export_cmd(
     fmt = fmt.strip().lower()
     if fmt not in ("onnx", "torchscript"):
         _fail(f"unknown export format '{fmt}'\n  hint: use --format onnx or --format torchscript")
-    from .runtime.export import ExportError, export_run
+    from ..runtime.export import ExportError, export_run
 
     try:
         result = export_run(run_dir, fmt, out, exporter=exporter, tolerance=tolerance)
@@ -63,8 +63,8 @@ def prepare_cmd(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
     """Convert raw dataset files into train/val/test Parquet + schema.json, streaming in bounded memory."""
-    from .catalog import DataError, DatasetNotFound
-    from .runtime.prepare import prepare
+    from ..catalog import DataError, DatasetNotFound
+    from ..runtime.prepare import prepare
 
     def note(message: str) -> None:
         typer.echo(message, err=True)

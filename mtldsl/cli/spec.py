@@ -1,23 +1,25 @@
-"""The `mtldsl` command: thin Typer commands over the library.
+"""`mtldsl check`, `compile` and `graph`: spec files -> diagnostics, generated modules, architecture pictures.
 
-`check`, `compile` and `graph` never import torch; training commands import the runtime inside
-the command so the front end stays fast. Diagnostics go to stderr without rich markup.
+Registered on the app of app.py. None of them imports torch (a test checks it in a subprocess), so
+they stay under a second. Diagnostics go to stderr without rich markup, sorted by position.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Compile and train multi-task recommendation models from .mtl specs.")
+from .app import app
+
+if TYPE_CHECKING:
+    from ..pipeline import Checked
 
 
-def _report(checked, strict: bool) -> bool:
+def _report(checked: Checked, strict: bool) -> bool:
     """Print a spec's diagnostics to stderr; True when it may proceed."""
-    from .diagnostics import render_all
+    from ..diagnostics import render_all
 
     if checked.diagnostics:
         typer.echo(render_all(checked.diagnostics), err=True)
@@ -25,8 +27,8 @@ def _report(checked, strict: bool) -> bool:
     return not checked.errors and not (strict and warnings)
 
 
-def _check(spec: Path, data_dir: Optional[str]):
-    from .pipeline import check_file
+def _check(spec: Path, data_dir: Optional[str]) -> Checked:
+    from ..pipeline import check_file
 
     if not spec.is_file():
         typer.echo(f"{spec}: error: no such spec file", err=True)
@@ -61,7 +63,7 @@ def compile_(
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
 ) -> None:
     """Compile specs to standalone PyTorch modules, `OUT/<model>.py`."""
-    from .codegen import render, write_if_changed
+    from ..codegen import render, write_if_changed
 
     ok = True
     for spec in specs:
@@ -90,7 +92,7 @@ def graph(
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
 ) -> None:
     """Draw the architecture; stop-gradient edges are dashed."""
-    from .draw import draw
+    from ..draw import draw
 
     checked = _check(spec, data_dir)
     if not _report(checked, strict=False):
@@ -102,15 +104,3 @@ def graph(
         raise typer.Exit(1)
     draw(checked.graph, out)
     typer.echo(f"{out}: written")
-
-
-from . import cli_runtime as _cli_runtime  # noqa: E402,F401  (registers train/evaluate/predict)
-from . import cli_tools as _cli_tools  # noqa: E402,F401
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,182 @@
+"""Data binding and placement: a spec + a dataset -> the checked spec, the generated class and the splits cut to it.
+
+Takes spec text, a data source and a device; gives `Prepared` (`prepare`: the spec checked against the
+schema of the data it really reads, its generated module class, the objective, and the train/val/test
+splits holding only the model's columns and the label products, on the device or streamed to it: Note
+[Streamed batches] in data.py), plus the checks evaluate/predict run on other data than trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..diagnostics import SpecError
+from ..pipeline import Checked, check_text
+from .config import ConfigError
+from .objective import Objective
+
+__all__ = ["DEVICE_DATA_SHARE", "Prepared", "check_columns", "check_spec", "check_vocab", "data_fits", "instantiate",
+           "prepare", "spec_input", "vocab_sizes"]
+
+DEVICE_DATA_SHARE = 0.5  # splits move to an accelerator whole up to this share of its free memory, else stream
+
+
+@dataclass
+class Prepared:
+    """A spec checked against a dataset, its generated source, and the dataset's splits cut to the model."""
+
+    checked: Checked
+    objective: Objective
+    source: str
+    cls: type
+    dataset: Any  # runtime.data.Dataset
+    splits: dict[str, Any]  # name -> data.Split with the model's columns and the objective's label products
+
+
+def spec_input(spec: str | Path | Checked) -> tuple[str, str]:
+    if isinstance(spec, Checked):
+        return spec.source.text, spec.source.path
+    path = Path(spec)
+    try:
+        return path.read_text(encoding="utf-8"), str(spec)
+    except FileNotFoundError:
+        raise ConfigError(f"{spec}: no such spec file") from None
+
+
+def _check_against(text: str, path: str, schema: Any) -> Checked:
+    checked = check_text(text, path, schema=schema)
+    if not checked.ok:
+        raise SpecError(checked.diagnostics)
+    assert checked.model is not None and checked.graph is not None
+    return checked
+
+
+def _same_fields(a: Any, b: Any) -> bool:
+    return (a.labels, a.sparse, a.dense, dict(a.groups)) == (b.labels, b.sparse, b.dense, dict(b.groups))
+
+
+def _cut(split: Any, cls: type, schema: Any, objective: Objective) -> Any:
+    """The split with only the model's columns (selected once, here) and the label products (still on the host)."""
+    from .data import Split
+
+    def columns(matrix: Tensor, names: Sequence[str], fields: Sequence[str]) -> Tensor:
+        index = [names.index(f) for f in fields]
+        if index == list(range(matrix.shape[1])):
+            return matrix  # the model reads every column in order: share the tensor, no second copy
+        return matrix.index_select(1, torch.tensor(index, dtype=torch.long)).contiguous()
+
+    cut = Split(
+        sparse=columns(split.sparse, schema.sparse, cls.SPARSE_FIELDS),
+        dense=columns(split.dense, schema.dense, cls.DENSE_FIELDS),
+        labels=objective.targets(split.labels),
+        groups=split.groups,
+    )
+    return cut
+
+
+def data_fits(nbytes: int, device: torch.device, free: int | None = None) -> bool:
+    """Whether splits of `nbytes` may move to `device` whole (Note [Streamed batches]): always on a CPU; on an
+    accelerator when they take at most DEVICE_DATA_SHARE of its free memory (`free`, else asked of the device)."""
+    if device.type == "cpu":
+        return True
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0]
+    return nbytes <= DEVICE_DATA_SHARE * free
+
+
+def _place(splits: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the splits to `device` when they fit there, else leave them on the host, streaming batches to it."""
+    if data_fits(sum(split.nbytes for split in splits.values()), device):
+        return {name: split.to(device) for name, split in splits.items()}
+    return {name: replace(split, stream_to=device) for name, split in splits.items()}
+
+
+def check_columns(cls: type, dataset: Any, source: str) -> None:
+    """The generated module's columns exist in the dataset (evaluate/predict on other data than trained on)."""
+    from .data import DataError
+
+    schema = dataset.schema
+    missing = [f for f in cls.SPARSE_FIELDS if f not in schema.sparse] + \
+              [f for f in cls.DENSE_FIELDS if f not in schema.dense]
+    if missing:
+        cols = ", ".join(f"'{c}'" for c in missing)
+        raise DataError(f"{source}: the model reads column(s) {cols}, which the dataset does not have")
+
+
+def check_vocab(cls: type, dataset: Any, split: str, vocab: Mapping[str, int]) -> None:
+    """Ids beyond the trained vocabulary would read another field's rows: refuse them by column and row."""
+    from .data import DataError
+
+    schema, data = dataset.schema, dataset.split(split)
+    for f in cls.SPARSE_FIELDS:
+        col = data.sparse[:, schema.sparse.index(f)]
+        over = col >= vocab[f]
+        if bool(over.any()):
+            i = int(torch.nonzero(over)[0, 0])
+            raise DataError(f"{dataset.source}: {split} split, column '{f}', row {i + 1}: id {int(col[i])} is outside "
+                            f"the model's vocabulary (size {vocab[f]}, from the data it was trained on)")
+
+
+def check_spec(text: str, path: str, *, data: str | None, data_dir: str | None) -> tuple[Checked, str, Any]:
+    """The spec checked against the schema of the data it will really read, that data source, and the schema.
+
+    Lowering against the real schema (not only the spec's `data` line) makes `fields all` resolve there
+    and turns a field or label the dataset lacks into a positioned SpecError, before any data is loaded.
+    """
+    from ..catalog import schema_for
+
+    if data is None:  # the spec's own `data` line
+        first = check_text(text, path, data_dir=data_dir)
+        if not first.ok:
+            raise SpecError(first.diagnostics)
+        assert first.model is not None
+        data = first.model.data
+    schema = schema_for(data, data_dir)
+    return _check_against(text, path, schema), data, schema
+
+
+def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, rows: int | None, data_seed: int,
+            device: torch.device, source: str | None = None,
+            checked: tuple[Checked, str, Any] | None = None) -> Prepared:
+    """Check the spec against the dataset (check_spec), load the data, compile (or reuse `source`), cut the splits."""
+    from .. import compile_spec, load_module
+    from ..codegen import class_name
+    from .data import load_dataset
+
+    spec, data, schema = checked or check_spec(text, path, data=data, data_dir=data_dir)
+    assert spec.model is not None
+    objective = Objective(spec.model)
+    dataset = load_dataset(data, data_dir=data_dir, rows=rows, seed=data_seed, binary_labels=objective.binary_columns)
+    if not _same_fields(dataset.schema, schema):  # e.g. a folder whose schema was inferred differently on load
+        spec = _check_against(text, path, dataset.schema)
+        assert spec.model is not None
+        objective = Objective(spec.model)
+    if source is None:
+        source = compile_spec(spec)
+    module = load_module(source, f"mtldsl_{spec.model.name}")
+    cls = getattr(module, class_name(spec.model.name))
+    check_columns(cls, dataset, dataset.source)
+    splits = _place({name: _cut(dataset.split(name), cls, dataset.schema, objective)
+                     for name in ("train", "val", "test")}, device)
+    return Prepared(spec, objective, source, cls, dataset, splits)
+
+
+def instantiate(cls: type, vocab: Mapping[str, int], seed: int, device: torch.device,
+                 sparse_grad: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    model = cls(dict(vocab), sparse_grad=sparse_grad)
+    return model.to(device)
+
+
+def vocab_sizes(cls: type, schema: Any) -> dict[str, int]:
+    if schema.vocab_sizes is None:
+        raise ConfigError(f"dataset '{schema.name}' has no vocabulary sizes")
+    return {f: int(schema.vocab_sizes[f]) for f in cls.SPARSE_FIELDS}
+
+
