@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -87,15 +87,18 @@ train_cmd.__signature__ = _train_flags()  # type: ignore[attr-defined]
 app.command("train")(train_cmd)
 
 
+# The options evaluate and predict share: a run folder, and the data and device to read it with.
+RunDir = Annotated[Path, typer.Argument(help="A run folder written by `mtldsl train`.")]
+RunData = Annotated[Optional[str], typer.Option("--data", help="Dataset name or folder (default: the run's).")]
+DataDir = Annotated[Optional[str], typer.Option("--data-dir")]
+Rows = Annotated[Optional[int], typer.Option("--rows")]
+Split = Annotated[str, typer.Option("--split", help="train, val or test.")]
+Device = Annotated[str, typer.Option("--device")]
+
+
 @app.command("evaluate")
-def evaluate_cmd(
-    run_dir: Path = typer.Argument(..., help="A run folder written by `mtldsl train`."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset name or folder (default: the run's)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
-    rows: Optional[int] = typer.Option(None, "--rows"),
-    split: str = typer.Option("test", "--split", help="train, val or test."),
-    device: str = typer.Option("auto", "--device"),
-) -> None:
+def evaluate_cmd(run_dir: RunDir, data: RunData = None, data_dir: DataDir = None, rows: Rows = None,
+                 split: Split = "test", device: Device = "auto") -> None:
     """Per-task metrics of a run's best checkpoint."""
 
     def go():  # type: ignore[no-untyped-def]
@@ -109,13 +112,9 @@ def evaluate_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    run_dir: Path = typer.Argument(..., help="A run folder written by `mtldsl train`."),
-    out_file: Path = typer.Option(..., "-o", "--out", help="Predictions file: .parquet or .csv."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset name or folder (default: the run's)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
-    rows: Optional[int] = typer.Option(None, "--rows"),
-    split: str = typer.Option("test", "--split", help="train, val or test."),
-    device: str = typer.Option("auto", "--device"),
+    run_dir: RunDir,
+    out_file: Annotated[Path, typer.Option("-o", "--out", help="Predictions file: .parquet or .csv.")],
+    data: RunData = None, data_dir: DataDir = None, rows: Rows = None, split: Split = "test", device: Device = "auto",
 ) -> None:
     """Per-sample predictions of a run's best checkpoint: one column per output, plus the labels."""
 
