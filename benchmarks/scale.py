@@ -193,7 +193,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-rows", default=str(REAL_TRAIN), help="skeleton lines of the train file (42.3M)")
     ap.add_argument("--test-rows", default=str(REAL_TEST), help="skeleton lines of the test file (43.0M)")
-    ap.add_argument("--users", default=str(REAL_USERS), help="common-feature lines per split (730k)")
+    ap.add_argument("--users", default=None,
+                    help="common-feature lines per split (default: 730k scaled by --train-rows / 42.3M, as in the real data)")
     ap.add_argument("--models", default="esmm,mmoe", help="specs/<name>.mtl to train one epoch each")
     ap.add_argument("--stages", default="generate,prepare,train", help="any of generate, prepare, train")
     ap.add_argument("--work", type=Path, default=None, help="folder for raw/, prepared/ and runs/ (default: a temp folder)")
@@ -201,7 +202,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    train_rows, test_rows, users = _count(args.train_rows), _count(args.test_rows), _count(args.users)
+    train_rows, test_rows = _count(args.train_rows), _count(args.test_rows)
+    users = _count(args.users) if args.users else max(1, round(REAL_USERS * train_rows / REAL_TRAIN))
     work = args.work or Path(tempfile.mkdtemp(prefix="mtldsl-scale-"))
     raw, prepared, runs = work / "raw", work / "prepared", work / "runs"
     stages = set(args.stages.split(","))
