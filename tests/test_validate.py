@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -25,9 +26,10 @@ BAD_SPECS = sorted(BAD.glob("*.mtl"))
 
 
 def check_bad(path: Path) -> str:
-    """What `mtldsl check tests/bad/NAME.mtl` prints from the repository root."""
+    """What `mtldsl check tests/bad/NAME.mtl` prints from the repository root (`data "tests/data/shop"` is read there)."""
     rel = path.relative_to(ROOT).as_posix()
-    return render_all(check_text(path.read_text(encoding="utf-8"), rel).diagnostics) + "\n"
+    with contextlib.chdir(ROOT):
+        return render_all(check_text(path.read_text(encoding="utf-8"), rel).diagnostics) + "\n"
 
 
 @pytest.mark.parametrize("spec", BAD_SPECS, ids=lambda p: p.stem)
@@ -52,7 +54,8 @@ def test_bad_specs_come_in_pairs() -> None:
 def test_bad_spec_is_reported_where_it_is(spec: Path) -> None:
     """Every bad spec yields a diagnostic, each span lies in the text and covers something."""
     text = spec.read_text(encoding="utf-8")
-    checked = check_text(text, spec.name)
+    with contextlib.chdir(ROOT):
+        checked = check_text(text, spec.name)
     assert checked.diagnostics, "a bad spec must produce at least one diagnostic"
     for d in checked.diagnostics:
         assert d.span.within(text)
