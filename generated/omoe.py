@@ -221,7 +221,7 @@ class FusedEmbedding(nn.Module):
             out = nn.functional.embedding_bag(all_ids, self.embedding.weight, all_offsets, mode=mode,
                                               sparse=self.embedding.sparse, per_sample_weights=w)  # (bags, dim)
         if self.pool != "sum" and (w is not None or self.pool == "max"):
-            ends = torch.cat([all_offsets[1:], all_offsets.new_full((1,), all_ids.shape[0])])  # (bags,)
+            ends = torch.cat([all_offsets, all_offsets.new_full((1,), all_ids.shape[0])])[1:]  # (bags,): where each bag ends
             if w is not None:  # weighted mean: sum / weight sum, 0 for an empty or zero-weight bag
                 running = torch.cat([w.new_zeros(1, dtype=torch.float64), w.double().cumsum(0)])  # (N + 1,)
                 total = (running[ends] - running[all_offsets]).to(out.dtype)  # (bags,)
