@@ -300,7 +300,7 @@ def field_group(schema: Schema, group: str) -> tuple[str, ...]:
         return schema.dense
     if group == "none":
         return ()
-    if group == LISTS_GROUP:
+    if group == LISTS_GROUP and (schema.lists or LISTS_GROUP not in schema.groups):
         return schema.lists
     try:
         return tuple(schema.groups[group])

@@ -45,6 +45,8 @@ def test_groups_keep_all_single_valued() -> None:
     plain = Schema("p", ("click",), ("a",), (), {}, None)
     assert "lists" not in known_groups(plain) and field_group(plain, "lists") == ()
     assert "lists" not in schema_to_json(plain)  # schemas without lists are written as before
+    own = Schema("o", ("click",), ("a", "b"), (), {"lists": ("b",)}, None)  # a group of its own, on data without lists
+    assert field_group(own, "lists") == ("b",)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -79,6 +79,18 @@ def test_validate_without_source(spec: Path) -> None:
     assert v.validate(model, build_graph(model), None) == []
 
 
+def test_list_spec_is_clean_and_validates_without_source() -> None:
+    """tests/golden/shop_lists.mtl pools list fields in every mode; positions come from the IR alone."""
+    with contextlib.chdir(ROOT):
+        checked = check_text((ROOT / "tests/golden/shop_lists.mtl").read_text(encoding="utf-8"), "shop_lists.mtl")
+    assert not checked.diagnostics, render_all(checked.diagnostics)
+    assert checked.model is not None and checked.graph is not None
+    assert [(e.name, e.lists, e.weighted, e.pool.value if e.pool else None, e.width) for e in checked.model.embeddings] == [
+        ("emb", ("clicked_items",), ("clicked_items",), "mean", 33), ("beh", ("109_14", "tags"), (), "mean", 16),
+        ("clicks", ("clicked_items",), ("clicked_items",), "sum", 8), ("peak", ("tags", "109_14"), (), "max", 24)]
+    assert v.validate(checked.model, checked.graph, None) == []
+
+
 # ---- helpers -------------------------------------------------------------------------------------
 
 
