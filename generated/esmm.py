@@ -62,11 +62,29 @@ class _Lookup(torch.autograd.Function):
         return table, None
 
 
+# Note [List fields]
+# ~~~~~~~~~~~~~~~~~~
+# A list field holds a list of ids per sample (with optional weights); the table that reads it pools
+# the list into one `dim` vector (`pool sum|mean|max`, docs/language.md). The batch carries, for each
+# list field f the model reads (the generated class's LIST_FIELDS, in order; a model without list fields
+# declares neither LIST_FIELDS nor WEIGHTED_FIELDS):
+#   batch[f"{f}.ids"]      int64 (N_f,)   every sample's ids, concatenated in sample order
+#   batch[f"{f}.offsets"]  int64 (B,)     where each sample's list starts in ids: EmbeddingBag offsets,
+#                                         the first is 0; an empty list repeats the next start
+#   batch[f"{f}.weights"]  float32 (N_f,) only for f in WEIGHTED_FIELDS (the schema names a weights column)
+# Ids lie in [0, vocab_f), like single-valued ids. An empty list pools to zeros in every mode. A weighted
+# sum scales each row by its weight, a weighted mean divides that sum by the list's weight sum (zeros when
+# it is 0), max ignores weights. FusedEmbedding pools every list field of a table (and of each copy) in
+# one embedding_bag call; runtime/export.py feeds these tensors to the flat model as extra inputs.
+
+
 class FusedEmbedding(nn.Module):
     """All fields (and copies) of one embedding table in one nn.Embedding: one lookup per batch.
 
-    Field f of copy c owns rows [c * sum(vocab) + offset_f, ... + vocab_f). Ids must lie in
+    Field f of copy c owns rows [c * total + offset_f, ... + vocab_f), single-valued fields first, then
+    list fields (Note [List fields]), total being the sum of every field's vocabulary. Ids must lie in
     [0, vocab_f); the data loader guarantees it (an out-of-range id would read a neighbour's row).
+    The output is the single-valued lookups, then the pooled list fields, then the dense columns.
     """
 
     def __init__(
@@ -77,16 +95,26 @@ class FusedEmbedding(nn.Module):
         dense_columns: Sequence[int] | None,
         copies: int = 1,
         sparse_grad: bool = False,
+        list_vocab_sizes: Sequence[int] = (),
+        pool: str = "sum",
+        weighted: Sequence[bool] = (),
     ) -> None:
         super().__init__()
         vocab = tuple(int(v) for v in vocab_sizes)
-        if not vocab or min(vocab) < 1 or dim < 1 or copies < 1:
+        list_vocab = tuple(int(v) for v in list_vocab_sizes)
+        if not (vocab or list_vocab) or min((*vocab, *list_vocab)) < 1 or dim < 1 or copies < 1:
             raise ValueError(f"FusedEmbedding needs vocab sizes, dim and copies >= 1; got {vocab}, {dim}, {copies}")
         if sparse_columns is not None and len(sparse_columns) != len(vocab):
             raise ValueError(f"{len(sparse_columns)} sparse columns for {len(vocab)} vocab sizes")
-        total = sum(vocab)
-        starts = [sum(vocab[:i]) for i in range(len(vocab))]
-        offsets = [[c * total + s for s in starts] for c in range(copies)]
+        if pool not in ("sum", "mean", "max"):
+            raise ValueError(f"unknown pool mode {pool!r}; expected sum, mean or max")
+        flags = tuple(bool(w) for w in weighted) or (False,) * len(list_vocab)
+        if len(flags) != len(list_vocab):
+            raise ValueError(f"{len(flags)} weighted flags for {len(list_vocab)} list fields")
+        every = vocab + list_vocab
+        total = sum(every)
+        starts = [sum(every[:i]) for i in range(len(every))]
+        offsets = [[c * total + s for s in starts[:len(vocab)]] for c in range(copies)]
         self.n_fields, self.dim, self.copies = len(vocab), dim, copies
         self.embedding = nn.Embedding(copies * total, dim, sparse=sparse_grad)
         nn.init.normal_(self.embedding.weight, 0.0, 1e-4)  # small init, as torch-rechub and FuxiCTR use
@@ -103,10 +131,51 @@ class FusedEmbedding(nn.Module):
         dense_index = dense_cols if self.dense_slice is None else ()
         self.register_buffer("sparse_index", torch.tensor(sparse_index, dtype=torch.long), persistent=False)
         self.register_buffer("dense_index", torch.tensor(dense_index, dtype=torch.long), persistent=False)
-        self.out_features = self.n_fields * dim + self.n_dense  # per copy
+        # List fields: the first row of each (copy, field), and where its tensors sit in forward's `bags`
+        self.n_lists, self.pool, self.weighted = len(list_vocab), pool, flags
+        self.list_rows = [[c * total + s for s in starts[len(vocab):]] for c in range(copies)]
+        self.slots: list[tuple[int, int, int]] = []  # (ids, offsets, weights or -1) positions in `bags`
+        at = 0
+        for w in flags:
+            self.slots.append((at, at + 1, at + 2 if w else -1))
+            at += 3 if w else 2
+        self.n_bag_tensors = at
+        self.out_features = (self.n_fields + self.n_lists) * dim + self.n_dense  # per copy
 
-    def forward(self, sparse: Tensor, dense: Tensor | None) -> Tensor:
-        """(B, F_all) int64 ids [+ (B, D_all) floats] -> (B, out_features), or (B, copies, out_features)."""
+    def forward(self, sparse: Tensor | None, dense: Tensor | None, bags: Sequence[Tensor] = ()) -> Tensor:
+        """(B, F_all) int64 ids [+ (B, D_all) floats] [+ list tensors] -> (B, out_features), or (B, copies, out_features).
+
+        `bags` holds, per list field in order, its ids, offsets and (weighted fields only) weights (Note [List fields]).
+        """
+        parts: list[Tensor] = []
+        if self.n_fields > 0:
+            if sparse is None:
+                raise ValueError(f"this table looks up {self.n_fields} single-valued fields: pass the sparse matrix")
+            parts.append(self._lookup(sparse))  # (B, F*dim) or (B, copies, F*dim)
+        if self.n_lists > 0:
+            if len(bags) != self.n_bag_tensors:
+                raise ValueError(f"this table pools {self.n_lists} list fields: pass {self.n_bag_tensors} tensors, "
+                                 f"got {len(bags)} (Note [List fields])")
+            parts.append(self._pool(bags))  # (B, L*dim) or (B, copies, L*dim)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., (F+L)*dim)
+        if self.n_dense > 0:
+            if dense is None:
+                raise ValueError(f"this table appends {self.n_dense} dense features: pass the dense matrix")
+            if self.dense_slice is not None:
+                d = dense[:, self.dense_slice[0]:self.dense_slice[1]]  # (B, n_dense)
+            else:
+                d = dense.index_select(1, self.dense_index)  # (B, n_dense)
+            if self.copies > 1:
+                d = d.unsqueeze(1).expand(-1, self.copies, -1)  # (B, copies, n_dense)
+            x = torch.cat([x, d.to(x.dtype)], dim=-1)  # (..., (F+L)*dim + n_dense)
+        if torch.is_autocast_enabled(x.device.type):
+            # Note [One cast per table]: autocast would cast this output once per reader (experts, every
+            # gate) and each gradient back; one cast here serves them all (PLE: 10 casts of 0.2 ms a step)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x
+
+    def _lookup(self, sparse: Tensor) -> Tensor:
+        """The single-valued fields: (B, F_all) ids -> (B, F*dim) or (B, copies, F*dim)."""
         if self.sparse_slice is not None:
             ids = sparse[:, self.sparse_slice[0]:self.sparse_slice[1]]  # (B, F)
         elif self.has_sparse_index:
@@ -120,22 +189,56 @@ class FusedEmbedding(nn.Module):
             x = _Lookup.apply(self.embedding.weight, rows)  # Note [Embedding backward]
         else:
             x = self.embedding(rows)
-        x = x.flatten(-2)  # (B, F*dim) or (B, copies, F*dim)
-        if self.n_dense > 0:
-            if dense is None:
-                raise ValueError(f"this table appends {self.n_dense} dense features: pass the dense matrix")
-            if self.dense_slice is not None:
-                d = dense[:, self.dense_slice[0]:self.dense_slice[1]]  # (B, n_dense)
-            else:
-                d = dense.index_select(1, self.dense_index)  # (B, n_dense)
-            if self.copies > 1:
-                d = d.unsqueeze(1).expand(-1, self.copies, -1)  # (B, copies, n_dense)
-            x = torch.cat([x, d.to(x.dtype)], dim=-1)  # (..., F*dim + n_dense)
-        if torch.is_autocast_enabled(x.device.type):
-            # Note [One cast per table]: autocast would cast this output once per reader (experts, every
-            # gate) and each gradient back; one cast here serves them all (PLE: 10 casts of 0.2 ms a step)
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        return x
+        return x.flatten(-2)  # (B, F*dim) or (B, copies, F*dim)
+
+    def _pool(self, bags: Sequence[Tensor]) -> Tensor:
+        """Every list field of every copy in one embedding_bag call (Note [List fields]).
+
+        Bags are ordered copy-major, then field, then sample: bag (c * L + j) * B + b is sample b's list of
+        field j in copy c. Weighted sum and mean pass per_sample_weights (1 for unweighted fields) in "sum"
+        mode; the mean then divides by each bag's weight sum, taken from a float64 running sum.
+        """
+        batch = bags[self.slots[0][1]].shape[0]
+        ids, offsets, weights = [], [], []
+        count = 0  # ids placed so far
+        for c in range(self.copies):
+            for j, (i_ids, i_off, i_w) in enumerate(self.slots):
+                field_ids = bags[i_ids]
+                ids.append(field_ids + self.list_rows[c][j])
+                offsets.append(bags[i_off] + count)
+                count = count + field_ids.shape[0]
+                if i_w >= 0:
+                    weights.append(bags[i_w].to(self.embedding.weight.dtype))
+                else:
+                    weights.append(torch.ones_like(field_ids, dtype=self.embedding.weight.dtype))
+        all_ids, all_offsets = torch.cat(ids), torch.cat(offsets)  # (N,), (copies*L*B,)
+        weighted = any(self.weighted) and self.pool != "max"
+        w = torch.cat(weights) if weighted else None  # (N,)
+        mode = "sum" if weighted else self.pool
+        if self.pool == "max" and self.embedding.sparse:
+            out = self._sparse_max(all_ids, all_offsets)  # embedding_bag has no sparse gradient in max mode
+        else:
+            out = nn.functional.embedding_bag(all_ids, self.embedding.weight, all_offsets, mode=mode,
+                                              sparse=self.embedding.sparse, per_sample_weights=w)  # (bags, dim)
+        if self.pool != "sum" and (w is not None or self.pool == "max"):
+            ends = torch.cat([all_offsets, all_offsets.new_full((1,), all_ids.shape[0])])[1:]  # (bags,): where each bag ends
+            if w is not None:  # weighted mean: sum / weight sum, 0 for an empty or zero-weight bag
+                running = torch.cat([w.new_zeros(1, dtype=torch.float64), w.double().cumsum(0)])  # (N + 1,)
+                total = (running[ends] - running[all_offsets]).to(out.dtype)  # (bags,)
+                out = out / torch.where(total == 0, torch.ones_like(total), total).unsqueeze(1)
+            else:  # max: an empty bag is 0 in PyTorch but -inf in ONNX's export; say 0 for both
+                out = out.masked_fill((ends == all_offsets).unsqueeze(1), 0.0)
+        out = out.view(self.copies, self.n_lists, batch, self.dim)  # (copies, L, B, dim)
+        if self.copies == 1:
+            return out[0].transpose(0, 1).reshape(batch, self.n_lists * self.dim)  # (B, L*dim)
+        return out.permute(2, 0, 1, 3).reshape(batch, self.copies, self.n_lists * self.dim)  # (B, copies, L*dim)
+
+    def _sparse_max(self, ids: Tensor, offsets: Tensor) -> Tensor:
+        """Max pooling with a sparse gradient: row lookups, then a per-bag maximum (empty bags stay 0)."""
+        rows = self.embedding(ids)  # (N, dim), sparse gradient
+        bag = torch.searchsorted(offsets, torch.arange(ids.shape[0], device=ids.device), right=True) - 1  # (N,)
+        out = rows.new_zeros(offsets.shape[0], self.dim)  # (bags, dim)
+        return out.scatter_reduce(0, bag.unsqueeze(1).expand(-1, self.dim), rows, "amax", include_self=False)
 
 
 class MLP(nn.Module):

@@ -62,5 +62,6 @@ def build_model(spec: str | Path | Checked, vocab_sizes: Mapping[str, int] | int
     assert checked.model is not None
     module = load_module(compile_spec(checked), f"mtldsl_{checked.model.name}")
     cls = getattr(module, class_name(checked.model.name))
-    sizes = {f: vocab_sizes for f in cls.SPARSE_FIELDS} if isinstance(vocab_sizes, int) else dict(vocab_sizes)
+    fields = (*cls.SPARSE_FIELDS, *getattr(cls, "LIST_FIELDS", ()))
+    sizes = {f: vocab_sizes for f in fields} if isinstance(vocab_sizes, int) else dict(vocab_sizes)
     return cls(sizes, sparse_grad=sparse_grad)

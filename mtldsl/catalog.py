@@ -1,4 +1,4 @@
-"""Dataset names and folders -> Schema (labels, sparse and dense fields, field groups, gAUC id).
+"""Dataset names and folders -> Schema (labels, sparse, list and dense fields, field groups, gAUC id).
 
 Used by `mtldsl check/compile` to resolve `fields all` / `fields user` at compile time, so it imports
 neither torch nor pandas: named datasets have fixed schemas written here, folders are read with the
@@ -50,6 +50,7 @@ INFER_ROWS = 5000
 SCHEMA_FILE = "schema.json"
 _INT = re.compile(r"[+-]?\d+")
 _SPECIAL_GROUPS = ("all", "sparse", "dense", "none")
+LISTS_GROUP = "lists"  # every list field (Note [List fields] in runtime/layers.py); named only when the data has some
 
 
 class DataError(ValueError):
@@ -78,7 +79,9 @@ class Schema:
     dense: tuple[str, ...]  # numeric columns
     groups: Mapping[str, tuple[str, ...]]  # e.g. {"user": (...), "item": (...)}; always has "all" (= sparse)
     user_id: str | None  # the gAUC group column (may or may not be a feature)
-    vocab_sizes: Mapping[str, int] | None = None  # max id + 1 per sparse field; known after loading data
+    vocab_sizes: Mapping[str, int] | None = None  # max id + 1 per sparse and list field; known after loading data
+    lists: tuple[str, ...] = ()  # list-valued id columns (a list of ids per row), apart from the single-valued sparse
+    list_weights: Mapping[str, str] = field(default_factory=dict)  # list field -> its weights column (weighted lists)
 
     def __post_init__(self) -> None:
         if "all" not in self.groups:
@@ -86,9 +89,10 @@ class Schema:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """Every column the loader needs: labels, sparse, dense and the group id, without repeats."""
+        """Every column the loader needs: labels, sparse, lists and their weights, dense and the group id, without repeats."""
         extra = (self.user_id,) if self.user_id else ()
-        return tuple(dict.fromkeys((*self.labels, *self.sparse, *self.dense, *extra)))
+        weights = tuple(self.list_weights[f] for f in self.lists if f in self.list_weights)
+        return tuple(dict.fromkeys((*self.labels, *self.sparse, *self.lists, *weights, *self.dense, *extra)))
 
     def vocab(self, fields: Sequence[str]) -> tuple[int, ...]:
         """Vocabulary sizes of `fields`, in that order (for a FusedEmbedding)."""
@@ -283,17 +287,21 @@ def _normalise_name(source: str) -> str | None:
 
 
 def known_groups(schema: Schema) -> tuple[str, ...]:
-    return tuple(dict.fromkeys((*_SPECIAL_GROUPS, *schema.groups)))
+    lists = (LISTS_GROUP,) if schema.lists else ()
+    return tuple(dict.fromkeys((*_SPECIAL_GROUPS, *lists, *schema.groups)))
 
 
 def field_group(schema: Schema, group: str) -> tuple[str, ...]:
-    """The fields of a named group: all/sparse, dense, none, or one of the schema's groups."""
+    """The fields of a named group: all/sparse (the single-valued fields), lists, dense, none, or one of the
+    schema's groups (which may hold list fields too)."""
     if group in ("all", "sparse"):
         return schema.sparse
     if group == "dense":
         return schema.dense
     if group == "none":
         return ()
+    if group == LISTS_GROUP and (schema.lists or LISTS_GROUP not in schema.groups):
+        return schema.lists
     try:
         return tuple(schema.groups[group])
     except KeyError:
@@ -387,6 +395,10 @@ def schema_to_json(schema: Schema, *, with_vocab: bool = False) -> str:
         "groups": {k: list(v) for k, v in schema.groups.items()},
         "user_id": schema.user_id,
     }
+    if schema.lists:
+        data["lists"] = list(schema.lists)
+    if schema.list_weights:
+        data["list_weights"] = dict(schema.list_weights)
     if with_vocab and schema.vocab_sizes is not None:
         data["vocab_sizes"] = dict(schema.vocab_sizes)
     return json.dumps(data, indent=2) + "\n"
@@ -399,7 +411,7 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object")
-    known = {"name", "labels", "sparse", "dense", "groups", "user_id", "vocab_sizes"}
+    known = {"name", "labels", "sparse", "dense", "groups", "user_id", "vocab_sizes", "lists", "list_weights"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise DataError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
@@ -411,6 +423,13 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         return tuple(value)
 
     sparse = names("sparse")
+    lists = names("lists")
+    for other in ("sparse", "dense", "labels"):
+        both = [f for f in lists if f in names(other)]
+        if both:
+            raise DataError(f"{path}: {', '.join(map(repr, both))} in both 'lists' and '{other}': a field is one or the other")
+    taken = {*sparse, *lists, *names("dense"), *names("labels")}
+    list_weights = _list_weights(data.get("list_weights", {}), lists, taken, path)
     groups_raw = data.get("groups", {})
     if not isinstance(groups_raw, dict):
         raise DataError(f"{path}: 'groups' must map group names to lists of sparse fields")
@@ -418,9 +437,12 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
     for g, members in groups_raw.items():
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise DataError(f"{path}: group '{g}' must be a list of column names")
-        missing = [m for m in members if m not in sparse]
+        if g == LISTS_GROUP and lists:
+            raise DataError(f"{path}: group '{LISTS_GROUP}' is every list field; name your group otherwise")
+        missing = [m for m in members if m not in sparse and m not in lists]
         if missing and g != "all":
-            raise DataError(f"{path}: group '{g}' lists {', '.join(map(repr, missing))}, not sparse fields")
+            kinds = "sparse or list fields" if lists else "sparse fields"
+            raise DataError(f"{path}: group '{g}' lists {', '.join(map(repr, missing))}, not {kinds}")
         groups[g] = tuple(members) if g != "all" else sparse
     user_id = data.get("user_id")
     if user_id is not None and not isinstance(user_id, str):
@@ -429,7 +451,7 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
     if vocab is not None:
         if not isinstance(vocab, dict) or not all(isinstance(v, int) and v > 0 for v in vocab.values()):
             raise DataError(f"{path}: 'vocab_sizes' must map sparse fields to positive integers")
-        missing = [f for f in sparse if f not in vocab]
+        missing = [f for f in (*sparse, *lists) if f not in vocab]
         if missing:
             raise DataError(f"{path}: 'vocab_sizes' lacks {', '.join(map(repr, missing))}")
     name = data.get("name", default_name)
@@ -444,7 +466,26 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         groups=groups,
         user_id=user_id,
         vocab_sizes=dict(vocab) if vocab is not None else None,
+        lists=lists,
+        list_weights=list_weights,
     )
+
+
+def _list_weights(value: object, lists: tuple[str, ...], taken: set[str], path: str | Path) -> dict[str, str]:
+    """schema.json's 'list_weights': each list field's weights column, checked."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise DataError(f"{path}: 'list_weights' must map list fields to weight column names")
+    for f, column in value.items():
+        if f not in lists:
+            raise DataError(f"{path}: 'list_weights' names '{f}', which is not in 'lists'")
+        if column in taken:
+            raise DataError(f"{path}: 'list_weights' gives '{f}' the weights column '{column}', which is a field or "
+                            "label already: a weights column holds only weights")
+    columns = list(value.values())
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise DataError(f"{path}: 'list_weights' uses the weights column(s) {', '.join(map(repr, repeated))} twice")
+    return dict(value)
 
 
 # --- inference ------------------------------------------------------------------------------------

@@ -83,7 +83,10 @@ class View:
     class_name: str
     sparse_fields: str
     dense_fields: str
+    list_fields: str  # "" when the model reads no list field: LIST_FIELDS is not declared
+    weighted_fields: str
     outputs: str
+    uses_sparse: bool
     uses_dense: bool
     attrs: list[Attr]
     stmts: list[Stmt]
@@ -102,6 +105,7 @@ class _Builder:
         self.g = graph
         self.col = {f: i for i, f in enumerate(model.sparse_fields)}
         self.dcol = {f: i for i, f in enumerate(model.dense_fields)}
+        self.lcol = {f: i for i, f in enumerate(model.list_fields)}
         self.attrs: list[Attr] = []
         self.stmts: list[Stmt] = []
 
@@ -135,17 +139,34 @@ class _Builder:
         cols = tuple(self.col[f] for f in e.fields)
         all_cols = cols == tuple(range(len(self.m.sparse_fields)))
         dcols = tuple(self.dcol[f] for f in e.dense)
-        vocab = "v" if all_cols else "[v[i] for i in " + _tuple(cols) + "]"
+        vocab = "v" if all_cols else "[v[i] for i in " + _tuple(cols) + "]" if cols else "()"
+        lists, bags = self.bags(e)
+        parts = [f"{len(e.fields)} fields x {e.dim}"] if e.fields or not lists else []
+        if lists:
+            parts.append(f"{len(e.lists)} list{'s' if len(e.lists) > 1 else ''} x {e.dim} ({e.pool.value})")  # type: ignore[union-attr]
         self.attrs.append(Attr(
             ident(e.name, True),
             f"FusedEmbedding(vocab_sizes={vocab}, dim={e.dim}, sparse_columns={None if all_cols else _tuple(cols)}, "
-            f"dense_columns={_tuple(dcols) if dcols else None}, copies={e.copies}, sparse_grad=sparse_grad)",
-            f"{len(e.fields)} fields x {e.dim}" + (f" + {len(e.dense)} dense" if e.dense else "")
+            f"dense_columns={_tuple(dcols) if dcols else None}, copies={e.copies}, sparse_grad=sparse_grad{lists})",
+            " + ".join(parts) + (f" + {len(e.dense)} dense" if e.dense else "")
             + (f", {e.copies} copies" if e.copies > 1 else ""),
         ))
         shape = f"(B, {e.copies}, {e.width})" if e.copies > 1 else f"(B, {e.width})"
         dense = "dense" if dcols else "None"
-        self.stmts.append(Stmt(ident(e.name, True), f"self.{ident(e.name, True)}(sparse, {dense})", shape))
+        sparse = "sparse" if e.fields else "None"
+        self.stmts.append(Stmt(ident(e.name, True), f"self.{ident(e.name, True)}({sparse}, {dense}{bags})", shape))
+
+    def bags(self, e: EmbeddingTable) -> tuple[str, str]:
+        """The constructor's list arguments and the call's batch tensors (Note [List fields]); "" without lists."""
+        if not e.lists or e.pool is None:
+            return "", ""
+        lcols = tuple(self.lcol[f] for f in e.lists)
+        vocab = "lv" if lcols == tuple(range(len(self.m.list_fields))) else "[lv[i] for i in " + _tuple(lcols) + "]"
+        weighted = tuple(f in e.weighted for f in e.lists)
+        keys = [f"{f}.{part}" for f in e.lists for part in ("ids", "offsets", *(("weights",) if f in e.weighted else ()))]
+        tensors = ", ".join(f"batch[{k!r}]" for k in keys)
+        return (f", list_vocab_sizes={vocab}, pool={e.pool.value!r}, weighted={_tuple(weighted)}",
+                f", ({tensors}{',' if len(keys) == 1 else ''})")
 
     def experts(self, x: ExpertGroup) -> None:
         ref = self.m.block(x.input.refs[0]) if len(x.input.refs) == 1 else None
@@ -278,7 +299,10 @@ def view(model: Model, graph: nx.DiGraph, spec_text: str) -> View:
         class_name=class_name(model.name),
         sparse_fields=_tuple(model.sparse_fields),
         dense_fields=_tuple(model.dense_fields),
+        list_fields=_tuple(model.list_fields) if model.list_fields else "",
+        weighted_fields=_tuple(model.weighted_fields),
         outputs=_tuple(tuple(o.name for o in model.outputs)),
+        uses_sparse=bool(model.sparse_fields),
         uses_dense=bool(model.dense_fields),
         attrs=b.attrs,
         stmts=stmts,

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .diagnostics import NOWHERE, Span
-from .vocab import TaskKind
+from .vocab import Pooling, TaskKind
 
 __all__ = ["BlockKind", "Combine", "Declaration", "EmbeddingTable", "ExpertGroup", "Gate", "Input", "Loss", "Mlp",
            "Model", "NameRef", "Output", "Route", "Task", "TaskKind", "Tower", "Train", "Transfer"]
@@ -103,15 +103,21 @@ class _Block(_Node):
 
 
 class EmbeddingTable(_Block):
-    fields: tuple[str, ...]
+    fields: tuple[str, ...]  # single-valued fields: one row each
     dense: tuple[str, ...] = ()
     dim: int = 16
     copies: int = 1
     selects_nothing: bool = False  # `fields none`, `fields []`: the spec asks for no feature
+    lists: tuple[str, ...] = ()  # list fields, each pooled into one row's width (Note [List fields])
+    weighted: tuple[str, ...] = ()  # those of `lists` that have a weights column
+    pool: Pooling | None = None  # `pool sum|mean|max`; None: not written
+    pool_span: Span = _where()  # the `pool` property
+    list_spans: tuple[Span, ...] = _where(())  # where each of `lists` is selected (its name, or the group)
 
     @property
     def width(self) -> int:
-        return len(self.fields) * self.dim + len(self.dense)
+        """Single lookups, then pooled lists, then dense columns (per copy)."""
+        return (len(self.fields) + len(self.lists)) * self.dim + len(self.dense)
 
 
 class ExpertGroup(_Block):
@@ -198,6 +204,9 @@ class Model(_Node):
     levels: int
     sparse_fields: tuple[str, ...]  # columns of batch["sparse"], in schema order
     dense_fields: tuple[str, ...]  # columns of batch["dense"]
+    list_fields: tuple[str, ...] = ()  # list fields the tables read, in schema order (Note [List fields])
+    weighted_fields: tuple[str, ...] = ()  # those of list_fields with a weights column
+    data_lists: tuple[str, ...] | None = None  # every list field of the dataset (for hints); None: no schema
     tasks: tuple[Task, ...]
     embeddings: tuple[EmbeddingTable, ...]
     experts: tuple[ExpertGroup, ...]

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, assert_never
 
 from . import syntax as s
-from .catalog import Schema, field_group
+from .catalog import LISTS_GROUP, Schema, field_group
 from .diagnostics import NOWHERE, Diagnostic, Span, did_you_mean, error
 from .ir import (BlockKind, Combine, Declaration, EmbeddingTable, ExpertGroup, Gate, Input, Loss, Mlp, Model, NameRef,
                  Output, Route, Task, Tower, Train, Transfer)
-from .vocab import Activation, Optimizer, TaskKind, Weighting, names
+from .vocab import Activation, Optimizer, Pooling, TaskKind, Weighting, names
 
 DEFAULT_DATA = "synthetic"  # the dataset of a spec without a `data` line
 
@@ -29,6 +29,7 @@ TRAIN_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 _TRAIN_CHOICES = {"optimizer": names(Optimizer), "weighting": names(Weighting)}
 _ACTIVATIONS = names(Activation)
+_POOLINGS = names(Pooling)
 _MLP_KEYS = ("mlp", "activation", "dropout", "batch_norm")
 
 BlockDecl = s.EmbeddingDecl | s.ExpertsDecl | s.GateDecl
@@ -138,15 +139,22 @@ class Lowering:
                     span=t.span, name_span=t.name_span)
 
     def embedding(self, e: s.EmbeddingDecl) -> None:
-        props = self.props(e.props, ("dim", "fields", "dense", "copies"), f"embedding '{e.name}'")
+        props = self.props(e.props, ("dim", "fields", "dense", "copies", "pool"), f"embedding '{e.name}'")
         dim = int(props["dim"].value) if "dim" in props else 16  # type: ignore[arg-type]
         copies = int(props["copies"].value) if "copies" in props else 1  # type: ignore[arg-type]
         if dim <= 0:
             self.err(f"embedding '{e.name}': dim must be positive", props["dim"].span)
         if copies <= 0:
             self.err(f"embedding '{e.name}': copies must be positive", props["copies"].span)
-        fields = self.fields(props["fields"].value, False) if "fields" in props else ()  # type: ignore[arg-type]
-        dense = self.fields(props["dense"].value, True) if "dense" in props else ()  # type: ignore[arg-type]
+        selected = self.fields(props["fields"].value, False) if "fields" in props else ()  # type: ignore[arg-type]
+        dense = tuple(n for n, _ in self.fields(props["dense"].value, True)) if "dense" in props else ()  # type: ignore[arg-type]
+        lists = set(self.schema.lists) if self.schema else set()
+        weights = self.schema.list_weights if self.schema else {}
+        fields = tuple(n for n, _ in selected if n not in lists)
+        listed = tuple((n, span) for n, span in selected if n in lists)
+        pool = self.pool(props.get("pool"), e.name)
+        if "fields" in props and getattr(props["fields"].value, "group", None) == LISTS_GROUP and not listed:
+            pool = None  # `fields lists` without list fields is reported by fields(): one mistake, one error
         if "fields" not in props and "dense" not in props:
             self.err(f"embedding '{e.name}' reads no fields", e.span, "add `fields all` or a list")
         selections = [p.value for p in e.props if p.key in ("fields", "dense")]
@@ -155,7 +163,20 @@ class Lowering:
         for owner in self.owners(e.owner):
             self.embeddings.append(EmbeddingTable(
                 **self.block_names(e, owner, 0), fields=fields, dense=dense, dim=max(dim, 1), copies=max(copies, 1),
-                selects_nothing=nothing, span=e.span))
+                selects_nothing=nothing, lists=tuple(n for n, _ in listed),
+                weighted=tuple(n for n, _ in listed if n in weights), pool=pool,
+                pool_span=props["pool"].span if "pool" in props else NOWHERE,
+                list_spans=tuple(span for _, span in listed), span=e.span))
+
+    def pool(self, prop: s.Prop | None, table: str) -> Pooling | None:
+        """The `pool` mode; an unknown one is reported here and read as sum (so validate.py says nothing more)."""
+        if prop is None:
+            return None
+        if prop.value in _POOLINGS:
+            return Pooling(prop.value)
+        self.err(f"embedding '{table}': unknown pool mode '{prop.value}'", prop.span,
+                 did_you_mean(str(prop.value), _POOLINGS) or "one of " + ", ".join(_POOLINGS))
+        return Pooling.sum
 
     def expert_group(self, e: s.ExpertsDecl, level: int) -> None:
         what = f"experts '{e.name}'"
@@ -296,6 +317,8 @@ class Lowering:
         losses = self.losses(outputs)
         sparse_used = {f for e in self.embeddings for f in e.fields}
         dense_used = {f for e in self.embeddings for f in e.dense}
+        lists_used = {f for e in self.embeddings for f in e.lists}
+        schema_lists = self.schema.lists if self.schema else ()
         sparse_order = self.schema.sparse if self.schema else tuple(sorted(sparse_used))
         dense_order = self.schema.dense if self.schema else tuple(sorted(dense_used))
         return Model(
@@ -306,6 +329,9 @@ class Lowering:
             levels=self.levels,
             sparse_fields=tuple(f for f in sparse_order if f in sparse_used),
             dense_fields=tuple(f for f in dense_order if f in dense_used),
+            list_fields=tuple(f for f in schema_lists if f in lists_used),
+            weighted_fields=tuple(f for f in schema_lists if f in lists_used and f in self.schema.list_weights),  # type: ignore[union-attr]
+            data_lists=schema_lists if self.schema else None,
             tasks=tuple(self.task_nodes),
             embeddings=tuple(self.embeddings),
             experts=tuple(self.experts),
@@ -478,24 +504,31 @@ class Lowering:
                     )
         return tuple(c.name for c in expr.columns)
 
-    def fields(self, sel: s.FieldSel, dense: bool) -> tuple[str, ...]:
+    def fields(self, sel: s.FieldSel, dense: bool) -> tuple[tuple[str, Span], ...]:
+        """The selected fields, each with where it is selected (its name, or the group). `fields` may select
+        single-valued and list fields alike (embedding() tells them apart), `dense` numeric ones."""
         if self.schema is None:
-            return tuple(c.name for c in sel.fields)
-        pool = self.schema.dense if dense else self.schema.sparse
+            return tuple((c.name, c.span) for c in sel.fields)
+        pool = self.schema.dense if dense else (*self.schema.sparse, *self.schema.lists)
+        if sel.group == LISTS_GROUP and not self.schema.lists and LISTS_GROUP not in self.schema.groups:
+            self.err(f"dataset '{self.schema.name}' has no list fields", sel.span,
+                     "`fields lists` selects the fields that hold a list of ids per row")
+            return ()
         if sel.group is not None:
             group = "dense" if dense and sel.group == "all" else sel.group
             try:
                 found = field_group(self.schema, group)
             except KeyError:
-                groups = sorted({*self.schema.groups, "all", "none", "dense"})
+                special = ("all", "none", "dense", "lists") if self.schema.lists else ("all", "none", "dense")
+                groups = sorted({*self.schema.groups, *special})
                 self.err(
                     f"unknown field group '{sel.group}' in dataset '{self.schema.name}'",
                     sel.span,
                     did_you_mean(sel.group, groups) or "groups: " + ", ".join(groups),
                 )
                 return ()
-            return tuple(n for n in found if n in pool) if sel.group != "none" else ()
-        out: list[str] = []
+            return tuple((n, sel.span) for n in found if n in pool) if sel.group != "none" else ()
+        out: list[tuple[str, Span]] = []
         for c in sel.fields:
             if c.name not in pool:
                 kind = "dense" if dense else "sparse"
@@ -505,8 +538,8 @@ class Lowering:
                     did_you_mean(c.name, pool) or ("use `dense [...]` for numeric fields" if c.name in self.schema.dense
                                                      else None),
                 )
-            elif c.name in out:
+            elif any(c.name == n for n, _ in out):
                 self.err(f"field '{c.name}' is listed twice", c.span)
             else:
-                out.append(c.name)
+                out.append((c.name, c.span))
         return tuple(out)

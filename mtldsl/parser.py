@@ -161,6 +161,7 @@ class _ToSyntax(Transformer):
     emb_fields = _prop("fields")
     emb_dense = _prop("dense")
     emb_copies = _prop("copies")
+    emb_pool = _prop("pool")
     experts_count = _prop("count")
     block_input = _prop("input")
     mlp_dims = _prop("mlp")

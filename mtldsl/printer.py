@@ -255,7 +255,8 @@ def _bool(value: object) -> str:
 
 
 _MLP: dict[str, _Printer] = {"mlp": _int_list, "activation": _name, "dropout": _number, "batch_norm": _bool}
-_EMBEDDING: dict[str, _Printer] = {"dim": _int, "fields": _field_sel, "dense": _field_sel, "copies": _int}
+_EMBEDDING: dict[str, _Printer] = {"dim": _int, "fields": _field_sel, "dense": _field_sel, "copies": _int,
+                                   "pool": _name}
 _EXPERTS: dict[str, _Printer] = {"count": _int, "input": _input, **_MLP}
 _GATE: dict[str, _Printer] = {"input": _input, **_MLP}
 _TOWER = _GATE

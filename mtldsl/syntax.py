@@ -147,7 +147,7 @@ class RouteDecl:
 class EmbeddingDecl:
     name: str
     owner: Owner | None
-    props: tuple[Prop, ...]  # dim, fields (FieldSel), dense (FieldSel), copies
+    props: tuple[Prop, ...]  # dim, fields (FieldSel), dense (FieldSel), copies, pool (a name)
     span: Span = _span()
     name_span: Span = _span()
 

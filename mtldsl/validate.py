@@ -29,6 +29,7 @@ from .diagnostics import NOWHERE, Diagnostic, SourceFile, Span, did_you_mean, er
 from .graph import grad_reach, input_width, node_id
 from .ir import BlockKind, Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, Output, Tower, Transfer
 from .names import GENERATED_CLASSES, class_name, name_problem
+from .validate_lists import check_pooling
 from .vocab import MonitorProblem, TaskKind, parse_monitor
 
 Block = EmbeddingTable | ExpertGroup | Gate | Tower
@@ -748,7 +749,7 @@ def check_train(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
 # --------------------------------------------------------------------------------------------
 
 CHECKS = (check_names, check_duplicates, check_references, check_kinds, check_structure, check_cycles,
-          check_transfers, check_dimensions, check_train)
+          check_transfers, check_dimensions, check_train, check_pooling)
 
 
 def validate(model: Model, graph: nx.DiGraph, src: SourceFile | None = None) -> list[Diagnostic]:

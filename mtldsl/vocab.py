@@ -1,6 +1,6 @@
 """The closed vocabularies of the language and the trainer, each written once, as enums; no torch.
 
-Takes nothing; gives the enums (TaskKind, Activation, Metric, Optimizer, Weighting) that the IR, the
+Takes nothing; gives the enums (TaskKind, Activation, Pooling, Metric, Optimizer, Weighting) that the IR, the
 validator, codegen, the trainer and the CLI all read, and `parse_monitor`, the one reading of an
 early-stopping monitor (`ctr.auc`, `mean.gauc`) that both validate.py (positioned diagnostics) and the
 trainer (a `--monitor` flag) use. runtime/layers.py is copied into generated files and cannot import
@@ -29,6 +29,14 @@ class Activation(enum.Enum):
     gelu = "gelu"
     prelu = "prelu"
     none = "none"
+
+
+class Pooling(enum.Enum):
+    """How an embedding table pools a list field (`pool mean`; Note [List fields] in runtime/layers.py)."""
+
+    sum = "sum"
+    mean = "mean"
+    max = "max"
 
 
 class Metric(enum.Enum):

@@ -72,7 +72,9 @@ mlp_props = _prop("mlp", _tuples(ints)) | _prop("activation", names) | _prop("dr
     "batch_norm", st.booleans()
 )
 input_props = _prop("input", input_exprs)
-embedding_props = _prop("dim", ints) | _prop("fields", field_sels) | _prop("dense", field_sels) | _prop("copies", ints)
+pool_modes = st.sampled_from(["sum", "mean", "max"]) | names  # lower.py checks the mode, the grammar takes any name
+embedding_props = _prop("dim", ints) | _prop("fields", field_sels) | _prop("dense", field_sels) | _prop(
+    "copies", ints) | _prop("pool", pool_modes)
 experts_props = _prop("count", ints) | input_props | mlp_props
 gate_props = input_props | mlp_props
 tower_props = gate_props

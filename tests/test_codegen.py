@@ -117,3 +117,30 @@ def test_bad_names_never_reach_a_template(name: str) -> None:
 def test_ident_filter_rejects(name: str) -> None:
     with pytest.raises(CodegenError):
         ident(name)
+
+
+# ---- list fields (Note [List fields]) -----------------------------------------------------------
+
+LISTS_SPEC = ROOT / "tests" / "golden" / "shop_lists.mtl"  # reads tests/data/shop, which has list fields
+
+
+def test_list_spec_golden(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the spec's `data "tests/data/shop"` and the header's path are relative to it
+    text = mtldsl.compile_spec(Path("tests/golden/shop_lists.mtl"))
+    target = LISTS_SPEC.with_suffix(".py")
+    if request.config.getoption("--update-golden"):
+        target.write_text(text, encoding="utf-8")
+    assert text == target.read_text(encoding="utf-8"), "stale: run `pytest --update-golden`"
+    compile(text, target.name, "exec")
+    body = text.split("# mtldsl:standalone end")[1]
+    assert "LIST_FIELDS = ('clicked_items', 'tags', '109_14')" in body
+    assert "WEIGHTED_FIELDS = ('clicked_items',)" in body
+    assert "batch['109_14.ids'], batch['109_14.offsets'], batch['tags.ids'], batch['tags.offsets']" in body
+    assert "self.emb(sparse, dense, (batch['clicked_items.ids'], batch['clicked_items.offsets'], " \
+           "batch['clicked_items.weights']))  # (B, 33)" in body  # 3 singles + 1 pooled list, x 8, + 1 dense
+    assert "self.beh(None, None, (" in body and "# (B, 2, 16)" in body
+
+
+def test_models_without_lists_declare_no_list_fields() -> None:
+    body = (GENERATED / "esmm.py").read_text(encoding="utf-8").split("# mtldsl:standalone end")[1]
+    assert "LIST_FIELDS" not in body and "lv = " not in body

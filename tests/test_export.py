@@ -19,6 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 import mtldsl
+import mtldsl.pipeline
 from mtldsl.runtime import export as E
 from mtldsl.runtime import runs
 from mtldsl.runtime.checkpoint import FORMAT
@@ -195,3 +196,98 @@ def test_a_run_folder_written_by_the_trainer_exports(tmp_path: Path) -> None:
     for fmt in E.FORMATS:
         exported = E.export_run(result.run_dir, fmt)
         assert exported.max_abs_diff <= 1e-5 and exported.path.parent == result.run_dir
+
+
+# ---- list fields (Note [List fields]) -------------------------------------------------------------
+
+LIST_TABLES = {  # one pooled table per case, beside a plain one; clicked_items is weighted, the others are not
+    "shop_lists": None,  # tests/golden/shop_lists.mtl: weighted mean, mean with copies, weighted sum, max
+    **{f"{pool}_{kind}": f"embedding pooled {{ dim 4  fields [city, {fields}]  pool {pool} }}"
+       for pool in ("sum", "mean", "max")
+       for kind, fields in (("plain", 'tags, "109_14"'), ("weighted", "clicked_items, tags"))},
+}
+
+
+def pooled_model(case: str, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.nn.Module, dict[str, int]]:
+    monkeypatch.chdir(ROOT)  # `data "tests/data/shop"`
+    table = LIST_TABLES[case]
+    spec = Path("tests/golden/shop_lists.mtl")
+    if table is not None:
+        text = (f'model m\ndata "tests/data/shop"\ntask ctr binary label click\n{table}\n'
+                "embedding emb { dim 4  fields all  dense all }\ntower ctr { input concat(emb, pooled)  mlp [8] }\nloss ctr\n")
+        spec = Path(f"/tmp/{case}.mtl")
+        checked = mtldsl.pipeline.check_text(text, str(spec))
+        assert checked.ok, checked.diagnostics
+    else:
+        checked = mtldsl.load_spec(spec)
+    torch.manual_seed(0)
+    model = mtldsl.build_model(checked, 30)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Embedding):
+                m.weight.normal_()
+    return model.eval(), {f: 30 for f in (*model.SPARSE_FIELDS, *model.LIST_FIELDS)}
+
+
+@pytest.mark.parametrize("fmt", E.FORMATS)
+@pytest.mark.parametrize("case", list(LIST_TABLES))
+def test_pooled_lists_export_and_match_pytorch(case: str, fmt: str, tmp_path: Path, monkeypatch) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnx onnxruntime)")
+    model, vocab = pooled_model(case, monkeypatch)
+    flat = E.FlatModel(model)
+    keys = E.list_keys(model)
+    assert flat.input_names == ["sparse", "dense", *keys]
+    assert keys[:3] == ["clicked_items.ids", "clicked_items.offsets", "clicked_items.weights"] or "weighted" not in case
+    result = E.export_model(model, tmp_path / f"m.{fmt}", fmt, vocab)
+    assert result.max_abs_diff <= 1e-5
+    inputs = E.sample_inputs(model, vocab, 11, seed=7)  # a fresh batch, checked here independently
+    with torch.no_grad():
+        expected = flat(*inputs)
+    if fmt == "torchscript":
+        got = torch.jit.load(str(result.path))(*inputs)
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        dropped = ["clicked_items.weights"] if case == "max_weighted" else []  # max ignores weights: an unused input
+        assert names == [n for n in flat.input_names if n not in dropped]
+        feed = {n: t.numpy() for n, t in zip(flat.input_names, inputs) if n in names}
+        got = [torch.from_numpy(a) for a in session.run(None, feed)]
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape == (11,)
+        assert (g - e).abs().max().item() <= 1e-5
+
+
+def test_sample_inputs_hold_bags_with_an_empty_list(monkeypatch) -> None:
+    model, vocab = pooled_model("shop_lists", monkeypatch)
+    inputs = dict(zip(E.FlatModel(model).input_names, E.sample_inputs(model, vocab, 6)))
+    for f in model.LIST_FIELDS:
+        ids, offsets = inputs[f"{f}.ids"], inputs[f"{f}.offsets"]
+        assert offsets.shape == (6,) and offsets[0] == 0 and offsets[1] == offsets[2]  # sample 1: empty
+        assert ids.dtype == torch.long and int(ids.max()) < 30 and ids.shape[0] >= int(offsets[-1])
+    assert inputs["clicked_items.weights"].shape == inputs["clicked_items.ids"].shape
+    with pytest.raises(E.ExportError, match="no vocabulary size for field.*'109_14'"):
+        E.sample_inputs(model, {f: 30 for f in model.SPARSE_FIELDS}, 4)
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_pooled_lists_pass_torch_export_with_dynamic_sizes(pool: str, monkeypatch) -> None:
+    """What the torch.export-based ONNX exporter (the fallback, which needs onnxscript) traces first: no guard on the
+    batch size or the list lengths (a batch of 1 must pass)."""
+    from torch.export import Dim
+
+    model, vocab = pooled_model(f"{pool}_weighted", monkeypatch)
+    flat = E.FlatModel(model).eval()
+    axes = flat.dynamic_axes()
+    assert axes == {"sparse": "batch", "dense": "batch", "clicked_items.ids": "n_0", "clicked_items.offsets": "batch",
+                    "clicked_items.weights": "n_0", "tags.ids": "n_1", "tags.offsets": "batch"}
+    dims = {axis: Dim(axis) for axis in dict.fromkeys(axes.values())}
+    with torch.no_grad():
+        program = torch.export.export(flat, E.sample_inputs(model, vocab, 16),
+                                      dynamic_shapes=(tuple({0: dims[axes[n]]} for n in flat.input_names),))
+        for batch in (1, 5):
+            inputs = E.sample_inputs(model, vocab, batch, seed=batch)
+            for got, expected in zip(program.module()(*inputs), flat(*inputs)):
+                assert (got - expected).abs().max().item() <= 1e-5

@@ -510,3 +510,155 @@ def test_fused_embedding_backward_equals_nn_embedding() -> None:
     assert lookup() == "_LookupBackward"
     emb.eval()
     assert lookup() == "EmbeddingBackward0"  # aten's kernel outside training (and for export)
+
+
+# ---- list fields: FusedEmbedding pools bags (Note [List fields]) -------------------------------
+
+
+def random_bags(B: int, vocab: int, weighted: bool, g: torch.Generator, max_len: int = 4) -> list[Tensor]:
+    """One list field's batch tensors: ids, offsets[, weights]; samples 1 and B-1 have empty lists."""
+    lengths = torch.randint(0, max_len + 1, (B,), generator=g)
+    lengths[1] = lengths[-1] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    ids = torch.randint(0, vocab, (int(lengths.sum()),), generator=g)
+    return [ids, offsets] + ([torch.rand(ids.shape[0], generator=g) + 0.25] if weighted else [])
+
+
+def naive_pool(table: Tensor, bag: list[Tensor], pool: str) -> Tensor:
+    """A per-sample loop: the reference for one field's pooled (B, dim)."""
+    ids, offsets = bag[0], bag[1]
+    weights = bag[2] if len(bag) > 2 else torch.ones(ids.shape[0])
+    ends = [*offsets[1:].tolist(), ids.shape[0]]
+    rows = []
+    for start, end in zip(offsets.tolist(), ends):
+        vecs, w = table[ids[start:end]], weights[start:end]
+        if end == start:
+            rows.append(torch.zeros(table.shape[1]))
+        elif pool == "sum":
+            rows.append((vecs * w.unsqueeze(1)).sum(0))
+        elif pool == "mean":
+            rows.append((vecs * w.unsqueeze(1)).sum(0) / w.sum())
+        else:
+            rows.append(vecs.max(0).values)
+    return torch.stack(rows)
+
+
+LIST_VOCAB = [7, 5]
+
+
+def list_table(pool: str, weighted: tuple[bool, ...], copies: int = 1, sparse_grad: bool = False) -> FusedEmbedding:
+    emb = FusedEmbedding([4, 6], 3, sparse_columns=(1, 0), dense_columns=(0,), copies=copies, sparse_grad=sparse_grad,
+                         list_vocab_sizes=LIST_VOCAB, pool=pool, weighted=weighted)
+    with torch.no_grad():
+        emb.embedding.weight.normal_()
+    return emb
+
+
+def list_batch(B: int, weighted: tuple[bool, ...], seed: int = 0) -> tuple[Tensor, Tensor, list[Tensor], list[list[Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    sparse = torch.stack([torch.randint(0, 6, (B,), generator=g), torch.randint(0, 4, (B,), generator=g)], dim=1)
+    dense = torch.rand(B, 2, generator=g)
+    per_field = [random_bags(B, v, w, g) for v, w in zip(LIST_VOCAB, weighted)]
+    return sparse, dense, [t for bag in per_field for t in bag], per_field
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+@pytest.mark.parametrize("weighted", [(False, False), (True, False), (True, True)], ids=["plain", "mixed", "weighted"])
+@pytest.mark.parametrize("pool", ["sum", "mean", "max"])
+def test_fused_embedding_pools_like_a_loop(pool: str, weighted: tuple[bool, ...], copies: int) -> None:
+    emb = list_table(pool, weighted, copies)
+    assert emb.out_features == (2 + 2) * 3 + 1 and n_params(emb) == copies * (4 + 6 + 7 + 5) * 3
+    B = 9
+    sparse, dense, bags, per_field = list_batch(B, weighted)
+    out = emb(sparse, dense, bags)
+    assert out.shape == ((B, emb.out_features) if copies == 1 else (B, copies, emb.out_features))
+    weight = emb.embedding.weight.detach()
+    total = 4 + 6 + 7 + 5
+    for c in range(copies):
+        got = out if copies == 1 else out[:, c]
+        singles = [weight[c * total + s:][:v][sparse[:, col]] for s, v, col in ((0, 4, 1), (4, 6, 0))]
+        pooled = [naive_pool(weight[c * total + s:][:v], bag, pool) for s, v, bag in zip((10, 17), LIST_VOCAB, per_field)]
+        expected = torch.cat([*singles, *pooled, dense[:, :1]], dim=1)  # singles, then lists, then dense
+        assert_close(got, expected)
+        assert torch.equal(got[1, 6:12], torch.zeros(6)) and torch.equal(got[-1, 6:12], torch.zeros(6))  # empty lists
+    assert torch.isfinite(out).all()
+
+
+def test_fused_embedding_only_lists_and_errors() -> None:
+    emb = FusedEmbedding((), 2, sparse_columns=(), dense_columns=None, list_vocab_sizes=[5], pool="mean")
+    g = torch.Generator().manual_seed(0)
+    bag = random_bags(6, 5, False, g)
+    out = emb(None, None, bag)
+    assert out.shape == (6, 2)
+    assert_close(out, naive_pool(emb.embedding.weight.detach(), bag, "mean"))
+    with pytest.raises(ValueError, match="pass 2 tensors, got 0"):
+        emb(None, None, ())
+    with pytest.raises(ValueError, match="unknown pool mode 'avg'"):
+        FusedEmbedding((), 2, (), None, list_vocab_sizes=[5], pool="avg")
+    with pytest.raises(ValueError, match="1 weighted flags for 2 list fields"):
+        FusedEmbedding((), 2, (), None, list_vocab_sizes=[5, 3], weighted=(True,))
+
+
+def test_weighted_mean_of_zero_weights_is_zero() -> None:
+    emb = FusedEmbedding((), 2, (), None, list_vocab_sizes=[5], pool="mean", weighted=(True,))
+    ids, offsets, weights = torch.tensor([1, 2, 3]), torch.tensor([0, 0, 2]), torch.tensor([0.0, 0.0, 2.0])
+    out = emb(None, None, (ids, offsets, weights))
+    row3 = emb.embedding.weight.detach()[3]
+    assert torch.equal(out[0], torch.zeros(2)) and torch.equal(out[1], torch.zeros(2))
+    assert_close(out[2], row3)
+
+
+@pytest.mark.parametrize("sparse_grad", [True, False])
+@pytest.mark.parametrize("pool", ["sum", "mean", "max"])
+def test_pooled_gradient_reaches_the_rows_present(pool: str, sparse_grad: bool) -> None:
+    emb = list_table(pool, (True, False), sparse_grad=sparse_grad)
+    sparse, dense, bags, per_field = list_batch(8, (True, False))
+    emb(sparse, dense, bags)[:, 6:12].sum().backward()  # the pooled columns only
+    grad = emb.embedding.weight.grad
+    assert grad.is_sparse == sparse_grad
+    grad = grad.to_dense() if sparse_grad else grad
+    touched = set((grad != 0).any(dim=1).nonzero().flatten().tolist())
+    present = {10 + i for i in per_field[0][0].tolist()} | {17 + i for i in per_field[1][0].tolist()}
+    assert touched <= present and (touched == present or pool == "max")
+    assert touched  # max: the rows that won somewhere
+    reference = list_table(pool, (True, False))
+    with torch.no_grad():
+        reference.embedding.weight.copy_(emb.embedding.weight)
+    reference(sparse, dense, bags)[:, 6:12].sum().backward()
+    assert_close(grad, reference.embedding.weight.grad)  # sparse and dense gradients agree
+
+
+@pytest.mark.parametrize("pool", ["sum", "mean", "max"])
+def test_pooled_table_under_bf16_autocast(pool: str) -> None:
+    emb = list_table(pool, (True, False)).train()
+    sparse, dense, bags, _ = list_batch(8, (True, False))
+    expected = emb(sparse, dense, bags)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = emb(sparse, dense, bags)
+    assert out.dtype == torch.bfloat16  # Note [One cast per table]
+    assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+    out.float().sum().backward()
+    assert emb.embedding.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("pool", ["sum", "mean", "max"])
+def test_pooled_table_traces_with_any_list_length(pool: str) -> None:
+    emb = list_table(pool, (True, False), copies=2).eval()
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = emb
+
+        def forward(self, sparse: Tensor, dense: Tensor, a_ids: Tensor, a_off: Tensor, a_w: Tensor, b_ids: Tensor,
+                    b_off: Tensor) -> Tensor:
+            return self.emb(sparse, dense, (a_ids, a_off, a_w, b_ids, b_off))
+
+    flat = Flat()
+    sparse, dense, bags, _ = list_batch(9, (True, False))
+    with torch.no_grad():
+        traced = torch.jit.trace(flat, (sparse, dense, *bags), check_trace=False)
+    for B, seed in ((4, 1), (30, 2)):
+        sparse, dense, bags, _ = list_batch(B, (True, False), seed)
+        with torch.no_grad():
+            assert_close(traced(sparse, dense, *bags), flat(sparse, dense, *bags))

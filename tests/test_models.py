@@ -152,3 +152,69 @@ def test_esmm_cvr_is_trained_only_through_ctcvr() -> None:
     assert [lo.output for lo in checked.model.losses] == ["ctr", "ctcvr"]
     out = model(make_batch(model))
     assert torch.allclose(out["ctcvr"], out["ctr"] * out["cvr"])
+
+
+# ---- list fields pooled by tables (Note [List fields]) ------------------------------------------
+
+LISTS_SPEC = "tests/golden/shop_lists.mtl"  # relative to ROOT: its `data "tests/data/shop"` is too
+
+
+def list_batch(model, n: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A hand-built batch in the shape the data loader produces: every list field's ids and offsets
+    (weights for the weighted ones), some lists empty."""
+    g = torch.Generator().manual_seed(seed)
+    batch = make_batch(model, n, seed)
+    for f in model.LIST_FIELDS:
+        lengths = torch.randint(0, 5, (n,), generator=g)
+        lengths[:3] = 0
+        batch[f"{f}.offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+        batch[f"{f}.ids"] = torch.randint(0, VOCAB, (int(lengths.sum()),), generator=g)
+        if f in model.WEIGHTED_FIELDS:
+            batch[f"{f}.weights"] = torch.rand(int(lengths.sum()), generator=g) + 0.5
+    batch["click"] = torch.randint(0, 2, (n,), generator=g).float()
+    batch["purchase"] = batch["click"] * torch.randint(0, 2, (n,), generator=g).float()
+    return batch
+
+
+@pytest.fixture
+def pooled(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(ROOT)
+    torch.manual_seed(0)
+    checked = mtldsl.load_spec(LISTS_SPEC)
+    return checked, mtldsl.build_model(checked, VOCAB)
+
+
+def test_pooled_model_trains(pooled) -> None:
+    checked, model = pooled
+    assert model.LIST_FIELDS == checked.model.list_fields == ("clicked_items", "tags", "109_14")
+    batch = list_batch(model)
+    bce = torch.nn.functional.binary_cross_entropy
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(8):
+        out = model(batch)
+        assert all(v.shape == (32,) and torch.isfinite(v).all() for v in out.values())
+        loss = bce(out["ctr"], batch["click"]) + bce(out["ctcvr"], batch["purchase"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_pooled_gradient_reaches_the_rows_of_the_ids_present(pooled, sparse_grad: bool) -> None:
+    checked, _ = pooled
+    model = randomized(mtldsl.build_model(checked, VOCAB, sparse_grad=sparse_grad))
+    batch = list_batch(model, seed=1)
+    model(batch)["ctr"].sum().backward()
+    present = set(batch["clicked_items.ids"].tolist())
+    grad = model.clicks.embedding.weight.grad  # one list field: rows are its ids
+    assert grad.is_sparse == sparse_grad
+    grad = grad.to_dense() if sparse_grad else grad
+    assert set((grad != 0).any(dim=1).nonzero().flatten().tolist()) == present
+    beh = model.beh.embedding.weight.grad  # two list fields, two copies: 109_14's rows first, then tags'
+    beh = beh.to_dense() if sparse_grad else beh
+    rows = {c * 2 * VOCAB + i for c in range(2) for i in batch["109_14.ids"].tolist()}
+    rows |= {c * 2 * VOCAB + VOCAB + i for c in range(2) for i in batch["tags.ids"].tolist()}
+    assert set((beh != 0).any(dim=1).nonzero().flatten().tolist()) == rows

@@ -147,6 +147,13 @@ RULES: list[tuple[str, tuple[s.Item, ...]]] = [
         ),
     ),
     (
+        'embedding beh { dim 8  fields [user, "109_14"]  pool mean }',
+        (s.EmbeddingDecl("beh", None, (P("dim", 8), P("fields", s.FieldSel(None, (s.Column("user"), Q("109_14")))),
+                                       P("pool", "mean"))),),
+    ),
+    ("embedding e { fields lists  pool sum }", (s.EmbeddingDecl("e", None, (P("fields", s.FieldSel("lists")),
+                                                                           P("pool", "sum"))),)),
+    (
         "experts x { count 2  input emb  mlp [256, 128]  activation relu  dropout 0.1  batch_norm true }",
         (
             s.ExpertsDecl(

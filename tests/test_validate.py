@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -25,9 +26,10 @@ BAD_SPECS = sorted(BAD.glob("*.mtl"))
 
 
 def check_bad(path: Path) -> str:
-    """What `mtldsl check tests/bad/NAME.mtl` prints from the repository root."""
+    """What `mtldsl check tests/bad/NAME.mtl` prints from the repository root (`data "tests/data/shop"` is read there)."""
     rel = path.relative_to(ROOT).as_posix()
-    return render_all(check_text(path.read_text(encoding="utf-8"), rel).diagnostics) + "\n"
+    with contextlib.chdir(ROOT):
+        return render_all(check_text(path.read_text(encoding="utf-8"), rel).diagnostics) + "\n"
 
 
 @pytest.mark.parametrize("spec", BAD_SPECS, ids=lambda p: p.stem)
@@ -52,7 +54,8 @@ def test_bad_specs_come_in_pairs() -> None:
 def test_bad_spec_is_reported_where_it_is(spec: Path) -> None:
     """Every bad spec yields a diagnostic, each span lies in the text and covers something."""
     text = spec.read_text(encoding="utf-8")
-    checked = check_text(text, spec.name)
+    with contextlib.chdir(ROOT):
+        checked = check_text(text, spec.name)
     assert checked.diagnostics, "a bad spec must produce at least one diagnostic"
     for d in checked.diagnostics:
         assert d.span.within(text)
@@ -74,6 +77,18 @@ def test_validate_without_source(spec: Path) -> None:
     assert not problems
     assert not diags
     assert v.validate(model, build_graph(model), None) == []
+
+
+def test_list_spec_is_clean_and_validates_without_source() -> None:
+    """tests/golden/shop_lists.mtl pools list fields in every mode; positions come from the IR alone."""
+    with contextlib.chdir(ROOT):
+        checked = check_text((ROOT / "tests/golden/shop_lists.mtl").read_text(encoding="utf-8"), "shop_lists.mtl")
+    assert not checked.diagnostics, render_all(checked.diagnostics)
+    assert checked.model is not None and checked.graph is not None
+    assert [(e.name, e.lists, e.weighted, e.pool.value if e.pool else None, e.width) for e in checked.model.embeddings] == [
+        ("emb", ("clicked_items",), ("clicked_items",), "mean", 33), ("beh", ("109_14", "tags"), (), "mean", 16),
+        ("clicks", ("clicked_items",), ("clicked_items",), "sum", 8), ("peak", ("tags", "109_14"), (), "max", 24)]
+    assert v.validate(checked.model, checked.graph, None) == []
 
 
 # ---- helpers -------------------------------------------------------------------------------------

@@ -1,9 +1,15 @@
 """A trained run folder (or any generated model) -> ONNX or TorchScript file, checked against PyTorch.
 
 The generated module reads a dict and returns a dict; an exported graph takes positional tensors, so
-`FlatModel` wraps it: inputs `sparse` (int64, (batch, len(SPARSE_FIELDS))) and, when the model reads
-dense fields, `dense` (float32, (batch, len(DENSE_FIELDS))); outputs a tuple in OUTPUTS order (the
-ONNX outputs are named after them). The batch axis is dynamic.
+`FlatModel` wraps it: inputs `sparse` (int64, (batch, len(SPARSE_FIELDS))), when the model reads
+dense fields `dense` (float32, (batch, len(DENSE_FIELDS))), then for each of its LIST_FIELDS the batch
+tensors of Note [List fields] (runtime/layers.py), named after their batch keys: `<f>.ids` (int64, (n_f,)),
+`<f>.offsets` (int64, (batch,)) and, for WEIGHTED_FIELDS, `<f>.weights` (float32, (n_f,)); outputs a tuple in
+OUTPUTS order (the ONNX outputs are named after them). The batch axis and each list's id count are dynamic.
+Pooled lists export as they run: embedding_bag (ONNX: a Loop over bags) in every mode; the empty-bag
+masking of max and the weight sums of a weighted mean are ordinary ops of the layer, so the exported
+graph computes exactly what PyTorch does and the check below covers them. The ONNX exporter leaves out an
+input the graph does not use: the weights of a field that is only max-pooled.
 
 - TorchScript: `torch.jit.trace` (forward branches only on attributes fixed at construction, so one
   trace is the whole model; `torch.jit.script` cannot compile BatchedExperts' indexed ParameterLists).
@@ -45,6 +51,7 @@ __all__ = [
     "FlatModel",
     "export_model",
     "export_run",
+    "list_keys",
     "load_trained",
     "sample_inputs",
 ]
@@ -73,23 +80,37 @@ class ExportResult:
     tolerance: float
 
 
+def list_keys(model: nn.Module) -> list[str]:
+    """The batch keys of a model's list fields, in input order (Note [List fields]); [] without lists."""
+    weighted = set(getattr(model, "WEIGHTED_FIELDS", ()))
+    return [f"{f}.{part}" for f in getattr(model, "LIST_FIELDS", ())
+            for part in ("ids", "offsets", *(("weights",) if f in weighted else ()))]
+
+
 class FlatModel(nn.Module):
-    """(sparse[, dense]) -> tuple of outputs in OUTPUTS order, around a generated dict-in/dict-out module."""
+    """(sparse[, dense][, list tensors]) -> tuple of outputs in OUTPUTS order, around a generated dict-in/dict-out module."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.outputs = tuple(model.OUTPUTS)
         self.uses_dense = bool(model.DENSE_FIELDS)
+        self.list_keys = tuple(list_keys(model))
 
-    def forward(self, sparse: Tensor, dense: Tensor | None = None) -> tuple[Tensor, ...]:
-        batch = {"sparse": sparse} if dense is None else {"sparse": sparse, "dense": dense}
-        out = self.model(batch)
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """The tensors named by input_names, in that order."""
+        out = self.model(dict(zip(self.input_names, inputs)))
         return tuple(out[name] for name in self.outputs)
 
     @property
     def input_names(self) -> list[str]:
-        return ["sparse", "dense"] if self.uses_dense else ["sparse"]
+        return ["sparse", *(["dense"] if self.uses_dense else []), *self.list_keys]
+
+    def dynamic_axes(self) -> dict[str, str]:
+        """Each input's dynamic first axis: the batch, or a list field's id count (`n_<i>`, one per field)."""
+        fields = list(dict.fromkeys(k.rpartition(".")[0] for k in self.list_keys))
+        return {n: "batch" if not n.endswith((".ids", ".weights")) else f"n_{fields.index(n.rpartition('.')[0])}"
+                for n in self.input_names}
 
 
 def _check_generated(model: nn.Module) -> None:
@@ -99,17 +120,29 @@ def _check_generated(model: nn.Module) -> None:
 
 
 def sample_inputs(model: nn.Module, vocab_sizes: Mapping[str, int], batch: int, seed: int = 0) -> tuple[Tensor, ...]:
-    """A random batch for `model`: ids in [0, vocab) per sparse field, dense values in [0, 1)."""
+    """A random batch for `model`, as FlatModel's inputs: ids in [0, vocab) per sparse field, dense values in
+    [0, 1), and per list field random bags of 0-4 ids (sample 1 has an empty list) with weights in [0.5, 1.5)."""
     _check_generated(model)
     g = torch.Generator().manual_seed(seed)
-    missing = [f for f in model.SPARSE_FIELDS if f not in vocab_sizes]
+    lists = tuple(getattr(model, "LIST_FIELDS", ()))
+    missing = [f for f in (*model.SPARSE_FIELDS, *lists) if f not in vocab_sizes]
     if missing:
         raise ExportError(f"no vocabulary size for field(s) {', '.join(map(repr, missing))}")
     cols = [torch.randint(0, int(vocab_sizes[f]), (batch,), generator=g) for f in model.SPARSE_FIELDS]
     sparse = torch.stack(cols, dim=1) if cols else torch.zeros(batch, 0, dtype=torch.long)
-    if not model.DENSE_FIELDS:
-        return (sparse,)
-    return sparse, torch.rand(batch, len(model.DENSE_FIELDS), generator=g)
+    inputs = [sparse] + ([torch.rand(batch, len(model.DENSE_FIELDS), generator=g)] if model.DENSE_FIELDS else [])
+    weighted = set(getattr(model, "WEIGHTED_FIELDS", ()))
+    for f in lists:
+        lengths = torch.randint(0, 5, (batch,), generator=g)
+        lengths[0] = lengths[0].clamp(min=1)
+        if batch > 1:
+            lengths[1] = 0
+        n = int(lengths.sum())
+        inputs += [torch.randint(0, int(vocab_sizes[f]), (n,), generator=g),
+                   torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])]
+        if f in weighted:
+            inputs.append(torch.rand(n, generator=g) + 0.5)
+    return tuple(inputs)
 
 
 def _metadata(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
@@ -119,6 +152,8 @@ def _metadata(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
         "inputs": json.dumps(list(names)),
         "sparse_fields": json.dumps(list(model.SPARSE_FIELDS)),
         "dense_fields": json.dumps(list(model.DENSE_FIELDS)),
+        "list_fields": json.dumps(list(getattr(model, "LIST_FIELDS", ()))),
+        "weighted_fields": json.dumps(list(getattr(model, "WEIGHTED_FIELDS", ()))),
         "outputs": json.dumps(list(model.OUTPUTS)),
     }
 
@@ -240,7 +275,8 @@ def _export_onnx(flat: FlatModel, example: tuple[Tensor, ...], path: Path, meta:
         try:
             with _quiet(), torch.no_grad():
                 torch.onnx.export(flat, example, str(path), dynamo=False, input_names=names, output_names=outputs,
-                                  dynamic_axes={n: {0: "batch"} for n in names + outputs}, opset_version=OPSET,
+                                  dynamic_axes={**{n: {0: axis} for n, axis in flat.dynamic_axes().items()},
+                                                **{n: {0: "batch"} for n in outputs}}, opset_version=OPSET,
                                   do_constant_folding=True)
             used = "torch.onnx (TorchScript-based)"
         except Exception as e:  # an exporter removed from a future torch, or an unsupported op
@@ -252,10 +288,11 @@ def _export_onnx(flat: FlatModel, example: tuple[Tensor, ...], path: Path, meta:
         try:
             from torch.export import Dim
 
-            batch = Dim("batch")
+            axes = flat.dynamic_axes()
+            dims = {axis: Dim(axis) for axis in dict.fromkeys(axes.values())}
             with _quiet(), _quiet_logs("torch.onnx"), torch.no_grad(), contextlib.redirect_stdout(None):
                 program = torch.onnx.export(flat, example, dynamo=True, input_names=names, output_names=outputs,
-                                            dynamic_shapes=tuple({0: batch} for _ in names), verbose=False)
+                                            dynamic_shapes=(tuple({0: dims[axes[n]]} for n in names),), verbose=False)
                 program.save(str(path), external_data=False)
             used = "torch.onnx (torch.export-based)"
         except Exception as e:
@@ -276,8 +313,10 @@ def _run_onnx(path: Path, names: Sequence[str]) -> Any:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
+    declared = {i.name for i in session.get_inputs()}  # the exporter drops an unused input (max-pooled weights)
+
     def run(inputs: tuple[Tensor, ...]) -> list[Any]:
-        feed = {n: t.numpy() for n, t in zip(names, inputs)}
+        feed = {n: t.numpy() for n, t in zip(names, inputs) if n in declared}
         return [torch.from_numpy(a) for a in session.run(None, feed)]
 
     return run
