@@ -136,7 +136,7 @@ def prepared(tmp_path_factory):
     truth = write_raw(raw)
     out = tmp_path_factory.mktemp("data") / "ali_ccp"
     notes: list[str] = []
-    report = P.prepare_ali_ccp(raw, out, min_count=3, row_group_size=16, cache_size=8, log=notes.append)
+    report = P.prepare_ali_ccp(raw, out, min_count=3, row_group_size=16, block_size=4096, log=notes.append)
     return raw, out, truth, report, notes
 
 
@@ -214,16 +214,18 @@ def test_the_data_layer_loads_the_folder(prepared, monkeypatch) -> None:
     assert len(named.test) == report.rows["test"]
 
 
-def test_memory_is_bounded_by_row_groups_and_the_cache(prepared) -> None:
-    _, out, _, report, _ = prepared
-    assert report.row_group_size == 16 and report.max_rows_buffered <= 16
-    assert report.cache_size == 8 and 0 < report.max_cached <= 8  # 25 users per split, never all in memory
+def test_memory_is_bounded_by_row_groups_and_chunks(prepared) -> None:
+    _, out, truth, report, _ = prepared
+    assert report.row_group_size == 16 and report.max_rows_buffered < 16
+    # a 4 KiB block holds a few dozen skeleton lines: the 400 + 120 lines were never all in memory
+    assert report.block_size == 4096 and 0 < report.max_chunk_rows < 100
+    assert report.common_lines == {"train": 25, "test": 25}  # the join holds the common lines, not the skeleton
     for split in ("train", "val", "test"):
         meta = pq.ParquetFile(out / f"{split}.parquet").metadata
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         assert max(sizes) <= 16 and sum(sizes) == report.rows[split]
         assert meta.num_row_groups == math.ceil(report.rows[split] / 16)
-    assert not list(out.glob(".prepare-*"))  # the temporary index is gone
+    assert not list(out.glob(".prepare-*"))  # the temporary folder is gone
 
 
 def test_output_is_deterministic(prepared, tmp_path) -> None:
