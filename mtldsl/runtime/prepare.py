@@ -416,6 +416,7 @@ def _count_train(skeleton: Path, common: CommonTable, fields: _Fields, sparse: S
                 counts[s].add(rows.entries.ids(e[own]))
         lo = np.minimum(lo, rows.dense[:, train].min(axis=1))
         hi = np.maximum(hi, rows.dense[:, train].max(axis=1))
+        del rows, chunk  # one chunk in memory, not two
     if n_train == 0:
         raise DataError(f"{skeleton}: no training rows (empty file, or every sample fell into val or was dropped)")
     for s, j in enumerate(fields.sparse):
@@ -476,6 +477,7 @@ def _write_skeleton(skeleton: Path, split: str, common: CommonTable, fields: _Fi
                 columns = [rows.click[sel], rows.purchase[sel], *(i[sel] for i in ids), *(d[sel] for d in dense)]
                 writers[target].append(pa.Table.from_arrays([pa.array(c) for c in columns],
                                                             schema=writers[target].schema))
+        del rows, chunk  # one chunk in memory, not two
     return max_rows
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -21,19 +22,21 @@ import pyarrow.csv as pcsv
 
 from ..catalog import DataError
 
-__all__ = ["Chunk", "Entries", "line_position", "parse_entries", "read_chunks", "to_float"]
+__all__ = ["Chunk", "Entries", "parse_entries", "read_chunks", "split_parts", "to_float"]
 
 # Note [Reading raw lines]
-# The raw files are read by pyarrow's streaming CSV reader: explicit column names and string types, no
-# quoting, no escaping, empty lines skipped. A row is therefore a non-empty line, and a chunk knows the
-# ordinal of its first row among the file's non-empty lines; the 1-based line number of a row is found
-# only when an error names it (`line_position`, one scan of the file), so the happy path never counts
-# lines. pyarrow rejects a whole block when one line in it does not parse (too few or too many commas,
-# text that is not UTF-8, a line longer than the block); the reader then reads that block line by line
-# in Python exactly as the per-line reader did (`line.split(",", n - 1)`: commas beyond the last column
-# stay in the feature list), hands the good lines before the bad one over as a chunk (so an earlier bad
-# label still wins, as in file order) and raises for the bad line; if no line is bad it resumes pyarrow
-# after that block. So the errors and their line numbers are today's, and so is what is accepted.
+# A raw file is read in blocks of `block_size` bytes cut after their last newline (a longer line makes
+# its block longer), and each block is parsed by pyarrow's CSV parser: explicit column names and string
+# types, no quoting, no escaping, empty lines skipped. So a row is a non-empty line, and the text of
+# one block is all that is held (the file object does no read-ahead of its own). A chunk knows the
+# block's byte offset and first line number; when the block has no empty line, row i is line
+# `line0 + i`, else the block is read again to count, only when an error names a line.
+# pyarrow rejects a whole block when one line in it does not parse (too few or too many commas, text
+# that is not UTF-8); that block is then read line by line in Python exactly as the per-line reader
+# did (`line.split(",", n - 1)`: commas beyond the last column stay in the feature list). Its good
+# lines before the bad one are handed over as a chunk first (an earlier bad label still wins, as in
+# file order), then the bad line raises; with no bad line the block is just slower. So the errors,
+# their line numbers and what is accepted are today's.
 
 _COLUMNS_HINT = {
     6: "(sample_id,click,purchase,common_feature_index,num_features,feature_list)",
@@ -43,12 +46,16 @@ _COLUMNS_HINT = {
 
 @dataclass
 class Chunk:
-    """Rows of one raw file: string columns in `names` order, the `first` row's ordinal among non-empty lines."""
+    """The rows of one block of a raw file: string columns in `names` order, and where the block sits."""
 
     path: Path
-    first: int
+    first: int  # ordinal of the first row among the file's non-empty lines
     columns: list[pa.Array]
-    lines: np.ndarray | None = None  # 1-based line numbers, when the rows were read line by line
+    line0: int  # 1-based line number of the block's first line
+    offset: int  # byte offset of the block
+    nbytes: int
+    dense: bool  # no empty line in the block: row i is line line0 + i
+    lines: np.ndarray | None = None  # 1-based line number of each row, when the block was read line by line
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
@@ -57,91 +64,104 @@ class Chunk:
         """The 1-based line number of row i (Note [Reading raw lines])."""
         if self.lines is not None:
             return int(self.lines[i])
-        return line_position(self.path, self.first + i)[1]
+        if self.dense:
+            return self.line0 + i
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            text = f.read(self.nbytes)
+        seen = -1
+        for k, raw in enumerate(text.split(b"\n")):
+            if raw.rstrip(b"\r"):
+                seen += 1
+                if seen == i:
+                    return self.line0 + k
+        raise IndexError(i)
 
     def where(self, i: int) -> str:
         return f"{self.path}: line {self.line(i)}"
 
 
-def line_position(path: Path, ordinal: int) -> tuple[int, int]:
-    """Byte offset and 1-based line number of the non-empty line with 0-based `ordinal` (or of the end of file)."""
-    seen, pos, n = 0, 0, 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if raw.rstrip(b"\r\n"):
-                if seen == ordinal:
-                    return pos, n
-                seen += 1
-            pos += len(raw)
-    return pos, n + 1
-
-
-def _open(f: pa.NativeFile, names: Sequence[str], block_size: int) -> pcsv.CSVStreamingReader:
-    return pcsv.open_csv(
-        f,
-        read_options=pcsv.ReadOptions(column_names=list(names), block_size=block_size, use_threads=True),
+def _parse_block(block: memoryview, names: Sequence[str]) -> list[pa.Array]:
+    table = pcsv.read_csv(
+        pa.py_buffer(block),
+        read_options=pcsv.ReadOptions(column_names=list(names), block_size=len(block) + 1, use_threads=False),
         parse_options=pcsv.ParseOptions(delimiter=",", quote_char=False, escape_char=False, double_quote=False,
                                         newlines_in_values=False, ignore_empty_lines=True),
         convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in names}, strings_can_be_null=False,
                                             quoted_strings_can_be_null=False),
     )
+    return [c.combine_chunks() if c.num_chunks != 1 else c.chunk(0) for c in table.columns]
+
+
+def _blocks(f: BinaryIO, block_size: int) -> Iterator[memoryview]:
+    """The file's text in blocks of about block_size bytes, each cut after a newline (the last one may not end in one)."""
+    carry = b""
+    while True:
+        data = f.read(block_size)
+        if not data:
+            if carry:
+                yield memoryview(carry)
+            return
+        buf = carry + data if carry else data
+        del data  # one copy of the block is held, not two
+        end = buf.rfind(b"\n") + 1
+        if end == 0:  # a line longer than the block: read on
+            carry = buf
+            continue
+        carry = buf[end:]
+        yield memoryview(buf)[:end]
 
 
 def read_chunks(path: Path, names: Sequence[str], block_size: int,
                 progress: Callable[[int, int], None] | None = None) -> Iterator[Chunk]:
     """The rows of `path` in chunks of about `block_size` bytes; `progress(bytes read, rows read)` after each."""
-    offset, first = 0, 0
-    with pa.OSFile(str(path)) as f:
-        while True:
-            f.seek(offset)
+    first, offset, line0 = 0, 0, 1
+    with open(path, "rb") as f:
+        for block in _blocks(f, block_size):
+            newlines = block.obj.count(b"\n", 0, len(block))
             try:
-                for batch in _open(f, names, block_size):
-                    yield Chunk(path, first, batch.columns)
-                    first += batch.num_rows
-                    if progress is not None:
-                        progress(f.tell(), first)
-                return
-            except pa.ArrowInvalid:
-                pass  # a block pyarrow cannot parse: read it line by line (Note [Reading raw lines])
-            chunk, error, offset = _read_lines(path, first, names, block_size)
-            if len(chunk):
-                yield chunk
-                first += len(chunk)
-            if error is not None:
-                raise DataError(error)
+                columns = _parse_block(block, names)
+            except pa.ArrowInvalid:  # a line pyarrow cannot parse: read the block line by line (Note [Reading raw lines])
+                chunk, error = _block_lines(path, block, names, first, line0, offset)
+                if len(chunk):
+                    yield chunk
+                if error is not None:
+                    raise DataError(error) from None
+            else:
+                n_lines = newlines + (not bytes(block[-1:]) == b"\n")
+                chunk = Chunk(path, first, columns, line0, offset, len(block), len(columns[0]) == n_lines)
+                if len(chunk):
+                    yield chunk
+            first += len(chunk)
+            offset += len(block)
+            line0 += newlines
             if progress is not None:
                 progress(offset, first)
 
 
-def _read_lines(path: Path, first: int, names: Sequence[str], block_size: int) -> tuple[Chunk, str | None, int]:
-    """From row `first`, lines read one by one until a bad line or one block: (good rows, error, next offset)."""
-    offset, n = line_position(path, first)
-    begin, k = offset, len(names)
+def _block_lines(path: Path, block: memoryview, names: Sequence[str], first: int, line0: int,
+                 offset: int) -> tuple[Chunk, str | None]:
+    """A block read one line at a time: (its good rows up to the first bad line, that line's error or None)."""
+    k = len(names)
     rows: list[list[str]] = []
     lines: list[int] = []
     error = None
-    with open(path, "rb") as f:
-        f.seek(offset)
-        for raw in f:
-            offset += len(raw)
-            stripped = raw.rstrip(b"\r\n")
-            if stripped:
-                try:
-                    cols = stripped.decode("utf-8").split(",", k - 1)
-                except UnicodeDecodeError:
-                    error = f"{path}: line {n}: not UTF-8 text"
-                    break
-                if len(cols) != k:
-                    error = (f"{path}: line {n}: expected {k} comma-separated columns {_COLUMNS_HINT[k]}, "
-                             f"got {len(cols)}")
-                    break
-                rows.append(cols)
-                lines.append(n)
-            n += 1
-            if offset - begin >= block_size:
-                break
+    for n, raw in enumerate(bytes(block).split(b"\n"), line0):
+        stripped = raw.rstrip(b"\r")
+        if not stripped:
+            continue
+        try:
+            cols = stripped.decode("utf-8").split(",", k - 1)
+        except UnicodeDecodeError:
+            error = f"{path}: line {n}: not UTF-8 text"
+            break
+        if len(cols) != k:
+            error = f"{path}: line {n}: expected {k} comma-separated columns {_COLUMNS_HINT[k]}, got {len(cols)}"
+            break
+        rows.append(cols)
+        lines.append(n)
     columns = [pa.array([r[j] for r in rows], pa.string()) for j in range(k)]
-    return Chunk(path, first, columns, np.asarray(lines, dtype=np.int64)), error, offset
+    return Chunk(path, first, columns, line0, offset, len(block), False, np.asarray(lines, dtype=np.int64)), error
 
 
 @dataclass
@@ -165,6 +185,36 @@ class Entries:
         return self.tokens.take(pa.array(self.start[entry] + 2))
 
 
+def split_parts(feature_lists: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Every part of every feature list, split on \\x01, \\x02 and \\x03: (parts, parts per row, row's first part).
+
+    One pass of numpy over the column's bytes: the separators are found, dropped from a copy of the text,
+    and the parts are string views between them (an empty list has no part; "a\\x01" has two, "a" and "").
+    """
+    n = len(feature_lists)
+    _, offsets_buf, data_buf = feature_lists.buffers()
+    off = np.frombuffer(offsets_buf, dtype=np.int32, count=n + 1, offset=feature_lists.offset * 4).astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8, count=int(off[-1] - off[0]), offset=int(off[0])) \
+        if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    off -= off[0]
+    is_sep = (data - np.uint8(1)) < 3  # \x01, \x02, \x03 (0 wraps to 255)
+    seps = np.flatnonzero(is_sep)
+    text = data[~is_sep]
+    del is_sep
+    sep_before = np.searchsorted(seps, off)  # separators before each row boundary
+    nonempty = off[1:] > off[:-1]
+    parts = np.where(nonempty, np.diff(sep_before) + 1, 0)
+    # a part starts after each separator and at the start of each non-empty row; in the text without
+    # separators, the part after separator j starts at seps[j] - j, a row's first at off[r] - sep_before[r]
+    row_start = off[:-1][nonempty]
+    starts = np.insert(seps - np.arange(len(seps)), np.searchsorted(seps + 1, row_start, side="right"),
+                       row_start - sep_before[:-1][nonempty])
+    del seps
+    bounds = np.append(starts, len(text)).astype(np.int32)
+    tokens = pa.StringArray.from_buffers(len(starts), pa.py_buffer(bounds), pa.py_buffer(text))
+    return tokens, parts, np.cumsum(parts) - parts
+
+
 def parse_entries(feature_lists: pa.Array, fields: pa.Array) -> Entries:
     """Split every feature list on \\x01, \\x02 and \\x03 and read triples (Note [Ali-CCP raw format]).
 
@@ -172,24 +222,19 @@ def parse_entries(feature_lists: pa.Array, fields: pa.Array) -> Entries:
     the caller decides whether that is an error (it is not for a dropped noise row).
     """
     n = len(feature_lists)
-    text = pc.replace_substring(pc.replace_substring(feature_lists, "\x02", "\x01"), "\x03", "\x01")
-    lists = pc.split_pattern(text, "\x01")
-    tokens = lists.flatten()
-    offsets = lists.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets -= offsets[0]
-    parts = np.diff(offsets)
-    parts[pc.equal(pc.binary_length(feature_lists), 0).to_numpy(zero_copy_only=False)] = 0  # "" is no entry
+    tokens, parts, first_part = split_parts(feature_lists)
     per_row = np.where(parts % 3 == 0, parts // 3, 0)
     n_entries = int(per_row.sum())
-    row = np.repeat(np.arange(n, dtype=np.int64), per_row)
+    row = np.repeat(np.arange(n, dtype=np.int32), per_row)
     first_entry = np.cumsum(per_row) - per_row
-    start = offsets[:-1][row] + 3 * (np.arange(n_entries, dtype=np.int64) - first_entry[row])
+    start = (first_part[row] + 3 * (np.arange(n_entries, dtype=np.int64) - first_entry[row])).astype(np.int32)
     n_fields = len(fields)
-    code = pc.index_in(tokens.take(pa.array(start)), value_set=fields).to_numpy(zero_copy_only=False)
-    code = np.nan_to_num(code, nan=-1).astype(np.int64) if code.dtype.kind == "f" else code.astype(np.int64)
-    wanted = code >= 0
-    slot = np.full(n * n_fields, -1, dtype=np.int64)
-    np.maximum.at(slot, row[wanted] * n_fields + code[wanted], np.flatnonzero(wanted))  # the last entry wins
+    code = pc.fill_null(pc.index_in(tokens.take(pa.array(start)), value_set=fields), -1)
+    code = code.to_numpy(zero_copy_only=False)
+    wanted = np.flatnonzero(code >= 0)
+    slot = np.full(n * n_fields, -1, dtype=np.int32)
+    key = row[wanted].astype(np.int64) * n_fields + code[wanted]
+    np.maximum.at(slot, key, wanted.astype(np.int32))  # the last entry of a field wins
     return Entries(parts, tokens, start, slot.reshape(n, n_fields))
 
 
