@@ -26,11 +26,13 @@ import os
 import re
 import shutil
 import tempfile
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -38,13 +40,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..catalog import KNOWN_DATASETS, SCHEMA_FILE, DataError, DatasetNotFound, data_roots, schema_to_json
-from .prepare_join import CommonTable, IdCounts, Vocab, build_vocab, malformed_message
-from .prepare_read import Chunk, Entries, parse_entries, read_chunks, to_float
+from .prepare_join import SKELETON_COLUMNS, CommonTable, Fields, IdCounts, Vocab, build_vocab, parse_rows
+from .prepare_read import Chunk, read_chunks
 
 __all__ = [
     "DEFAULT_BLOCK",
     "DEFAULT_MIN_COUNT",
     "DEFAULT_ROW_GROUP",
+    "DEFAULT_WORKERS",
     "DEFAULT_VAL_SHARE",
     "PREPARABLE",
     "PrepareReport",
@@ -80,11 +83,13 @@ __all__ = [
 #   independent of file order), else train; test skeleton -> test. torch-rechub instead halves the
 #   test file into val and test.
 
+_T = TypeVar("_T")
 LABELS = ("click", "purchase")
 DEFAULT_MIN_COUNT = 10
 DEFAULT_VAL_SHARE = 0.1
 DEFAULT_ROW_GROUP = 100_000
-DEFAULT_BLOCK = 16 << 20  # bytes of raw text per chunk
+DEFAULT_BLOCK = 8 << 20  # bytes of raw text per chunk
+DEFAULT_WORKERS = 2  # threads that parse chunks (Note [Prepare threads])
 PREPARABLE = ("ali_ccp",)
 _SEP = re.compile("[\x01\x02\x03]")
 _NOISE = "click=0,purchase=1"
@@ -140,41 +145,6 @@ def parse_features(text: str, wanted: frozenset[str] | set[str] | None = None, *
 
 # --- rows -----------------------------------------------------------------------------------------
 
-SKELETON_COLUMNS = ("sample_id", "click", "purchase", "common_feature_index", "num_features", "feature_list")
-
-
-@dataclass
-class _Fields:
-    """The wanted fields as positions: every sparse field and dense source, in one order."""
-
-    names: tuple[str, ...]  # sparse fields, then dense sources that are not sparse
-    sparse: tuple[int, ...]  # position of each schema.sparse field
-    dense: tuple[int, ...]  # position of each dense source (D109_14 -> 109_14)
-    dense_sources: tuple[str, ...]
-
-    @classmethod
-    def of(cls, sparse: Sequence[str], dense_columns: Sequence[str]) -> _Fields:
-        sources = tuple(d[1:] for d in dense_columns)  # D109_14 -> 109_14
-        names = tuple(sparse) + tuple(s for s in dict.fromkeys(sources) if s not in sparse)
-        return cls(names, tuple(range(len(sparse))), tuple(names.index(s) for s in sources), sources)
-
-    def array(self) -> pa.Array:
-        return pa.array(list(self.names), pa.string())
-
-
-@dataclass
-class _Rows:
-    """One skeleton chunk, parsed and joined; `keep` marks its samples (labels 0/1, not noise, not a header)."""
-
-    chunk: Chunk
-    keep: np.ndarray
-    noise: np.ndarray
-    click: np.ndarray  # int8
-    purchase: np.ndarray  # int8
-    entries: Entries
-    lines: np.ndarray  # the common line of each row, -1 when the common-features file has none
-    dense: np.ndarray  # (D, rows) raw dense values after the join, 0 when the field is missing
-
 
 def _is_val(sample_id: str, share: float) -> bool:
     """Deterministic split by sample id: a stable 64-bit hash, independent of file order and machine."""
@@ -193,62 +163,6 @@ def _val_mask(sample_ids: pa.Array, keep: np.ndarray, share: float) -> np.ndarra
     digests = np.frombuffer(b"".join([blake(s, digest_size=8).digest() for s in ids]), dtype=">u8")
     out[keep] = digests.astype(np.uint64) < np.uint64(threshold)
     return out
-
-
-def _flags(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(== "0", == "1") of a label column."""
-    return (pc.equal(column, "0").to_numpy(zero_copy_only=False), pc.equal(column, "1").to_numpy(zero_copy_only=False))
-
-
-def _parse_rows(chunk: Chunk, common: CommonTable, fields: _Fields) -> _Rows:
-    """Labels, noise, feature entries, the join and the dense values of a skeleton chunk; raises for its first bad line.
-
-    The checks of a line come in today's order (column count, labels, noise skipped, feature list, dense
-    values), and the first bad line of the chunk is the one reported.
-    """
-    n = len(chunk)
-    sample_id, click, purchase, index, _, feature_list = chunk.columns
-    c0, c1 = _flags(click)
-    p0, p1 = _flags(purchase)
-    header = np.zeros(n, dtype=bool)
-    if chunk.first == 0 and n and click[0].as_py() == "click" and chunk.line(0) == 1:
-        header[0] = True  # a header line someone added
-    bad_click = ~(c0 | c1) & ~header
-    bad_purchase = ~(p0 | p1) & ~header & ~bad_click
-    noise = c0 & p1
-    entries = parse_entries(feature_list, fields.array())
-    live = ~header & ~bad_click & ~bad_purchase & ~noise
-    malformed = live & (entries.parts % 3 != 0)
-    keep = live & ~malformed
-    lines = common.join(index)
-    dense = np.zeros((len(fields.dense), n), dtype=np.float64)
-    for d, j in enumerate(fields.dense):
-        from_common = common.has(j, lines) & keep  # a field in both files takes the common entry
-        if from_common.any():
-            dense[d, from_common] = common.dense[d][lines[from_common]]
-        e = entries.last[:, j]
-        own = (e >= 0) & keep & ~from_common
-        if own.any():
-            dense[d, own] = to_float(entries.values(e[own]))
-    bad_dense = ~np.isfinite(dense)
-    bad = bad_click | bad_purchase | malformed | bad_dense.any(axis=0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        where = chunk.where(i)
-        if bad_click[i] or bad_purchase[i]:
-            name, value = ("click", click) if bad_click[i] else ("purchase", purchase)
-            raise DataError(f"{where}: column '{name}': expected 0 or 1, got {value[i].as_py()[:40]!r}")
-        if malformed[i]:
-            raise DataError(malformed_message(where, int(entries.parts[i])))
-        d = int(np.flatnonzero(bad_dense[:, i])[0])
-        j = fields.dense[d]
-        if common.has(j, lines[i:i + 1])[0]:
-            text = common.bad[(d, int(lines[i]))]
-        else:
-            text = entries.values(entries.last[i:i + 1, j]).to_pylist()[0]
-        raise DataError(f"{where}: field {fields.dense_sources[d]}: expected a finite number as the feature value, "
-                        f"got {text[:40]!r}")
-    return _Rows(chunk, keep, noise & ~header, c1.astype(np.int8), p1.astype(np.int8), entries, lines, dense)
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -390,33 +304,90 @@ class _TrainCounts:
     max_chunk_rows: int
 
 
-def _count_train(skeleton: Path, common: CommonTable, fields: _Fields, sparse: Sequence[str], val_share: float,
-                 block_size: int, val_out: BinaryIO, progress: Callable[[int, int], None] | None) -> _TrainCounts:
+# Note [Prepare threads]
+# The calling thread reads the chunks of a file in order; parsing, joining, counting and mapping a chunk
+# (pyarrow and numpy kernels, which release the GIL) run in `workers` threads, at most workers + 1
+# chunks in flight, and the results are taken in file order. So the counts, the row order, the written
+# bytes and the error reported (the first bad line in file order, also when reading a later block
+# fails) do not depend on the number of workers; memory grows by one chunk per worker.
+
+
+def _in_order(jobs: Iterator[Callable[[], _T]], workers: int) -> Iterator[_T]:
+    """Each job's result, in order; `workers` threads run them (Note [Prepare threads])."""
+    if workers <= 1:
+        for job in jobs:
+            yield job()
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="prepare") as pool:
+        pending: deque[Future[_T]] = deque()
+        try:
+            try:
+                for job in jobs:
+                    pending.append(pool.submit(job))
+                    if len(pending) > workers:
+                        yield pending.popleft().result()
+            except Exception:  # reading failed: the chunks before it (and their errors) come first
+                while pending:
+                    yield pending.popleft().result()
+                raise
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+@dataclass
+class _ChunkCounts:
+    """Pass 1 of one chunk: its rows' val flags and what its train rows add to the counts."""
+
+    val: np.ndarray  # uint8 per row
+    n_train: int
+    hits: np.ndarray | None  # train rows per common line
+    ids: list[pa.Array | None]  # per sparse field: raw ids of the train rows whose common line lacks the field
+    lo: np.ndarray | None
+    hi: np.ndarray | None
+
+
+def _count_chunk(chunk: Chunk, common: CommonTable, fields: Fields, val_share: float) -> _ChunkCounts:
+    rows = parse_rows(chunk, common, fields)
+    val = _val_mask(chunk.columns[0], rows.keep, val_share)
+    train = rows.keep & ~val
+    if not train.any():
+        return _ChunkCounts(val.astype(np.uint8), 0, None, [None] * len(fields.sparse), None, None)
+    joined = rows.lines[train]
+    hits = np.bincount(joined[joined >= 0], minlength=common.n_lines)
+    ids: list[pa.Array | None] = []
+    for j in fields.sparse:
+        e = rows.entries.last[:, j]
+        own = train & (e >= 0) & ~common.has(j, rows.lines)
+        ids.append(rows.entries.ids(e[own]) if own.any() else None)
+    dense = rows.dense[:, train]
+    return _ChunkCounts(val.astype(np.uint8), int(train.sum()), hits, ids, dense.min(axis=1), dense.max(axis=1))
+
+
+def _count_train(skeleton: Path, common: CommonTable, fields: Fields, sparse: Sequence[str], val_share: float,
+                 block_size: int, workers: int, val_out: BinaryIO,
+                 progress: Callable[[int, int], None] | None) -> _TrainCounts:
     """Pass 1 (Note [Prepare passes]): count ids and dense ranges of the train rows, write each row's val flag."""
     counts = [IdCounts() for _ in sparse]
     hits = np.zeros(common.n_lines, dtype=np.int64)  # train rows joined to each common line
     lo = np.full(len(fields.dense), np.inf)
     hi = np.full(len(fields.dense), -np.inf)
     n_train = max_rows = 0
-    for chunk in read_chunks(skeleton, SKELETON_COLUMNS, block_size, progress):
-        max_rows = max(max_rows, len(chunk))
-        rows = _parse_rows(chunk, common, fields)
-        val = _val_mask(chunk.columns[0], rows.keep, val_share)
-        val_out.write(val.astype(np.uint8).tobytes())
-        train = rows.keep & ~val
-        if not train.any():
+    jobs = (partial(_count_chunk, chunk, common, fields, val_share)
+            for chunk in read_chunks(skeleton, SKELETON_COLUMNS, block_size, progress))
+    for part in _in_order(jobs, workers):
+        max_rows = max(max_rows, len(part.val))
+        val_out.write(part.val.tobytes())
+        if part.hits is None or part.lo is None or part.hi is None:
             continue
-        n_train += int(train.sum())
-        joined = rows.lines[train]
-        hits += np.bincount(joined[joined >= 0], minlength=common.n_lines)
-        for s, j in enumerate(fields.sparse):
-            e = rows.entries.last[:, j]
-            own = train & (e >= 0) & ~common.has(j, rows.lines)
-            if own.any():
-                counts[s].add(rows.entries.ids(e[own]))
-        lo = np.minimum(lo, rows.dense[:, train].min(axis=1))
-        hi = np.maximum(hi, rows.dense[:, train].max(axis=1))
-        del rows, chunk  # one chunk in memory, not two
+        n_train += part.n_train
+        hits += part.hits
+        for c, ids in zip(counts, part.ids):
+            if ids is not None:
+                c.add(ids)
+        lo, hi = np.minimum(lo, part.lo), np.maximum(hi, part.hi)
     if n_train == 0:
         raise DataError(f"{skeleton}: no training rows (empty file, or every sample fell into val or was dropped)")
     for s, j in enumerate(fields.sparse):
@@ -431,53 +402,68 @@ def _count_train(skeleton: Path, common: CommonTable, fields: _Fields, sparse: S
 
 
 @dataclass
-class _Written:
-    rows: dict[str, int]
-    skipped: Counter[str]
-    max_held: int
-    max_chunk_rows: int
+class _Mapped:
+    """Pass 2 of one chunk: output rows per split, and the rows skipped by reason (in the order met)."""
+
+    n_rows: int
+    tables: dict[str, pa.Table]
+    skipped: list[tuple[str, int]]
 
 
-def _write_skeleton(skeleton: Path, split: str, common: CommonTable, fields: _Fields, vocab: Sequence[Vocab],
+def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonTable, common_ids: Mapping[int, np.ndarray],
+               fields: Fields, vocab: Sequence[Vocab], train: _TrainCounts, schema: pa.Schema) -> _Mapped:
+    """Map ids through the vocabulary and scale dense values: the chunk's rows for train/val (or test)."""
+    n = len(chunk)
+    rows = parse_rows(chunk, common, fields)
+    skipped = []
+    for reason, mask in sorted(((_NOISE, rows.noise), (_NO_COMMON, rows.keep & (rows.lines < 0))),
+                               key=lambda rm: int(np.argmax(rm[1])) if rm[1].any() else n):
+        if mask.any():  # reasons enter `skipped` in the order the per-line reader met them
+            skipped.append((reason, int(mask.sum())))
+    ids = np.zeros((len(fields.sparse), n), dtype=np.int32)
+    for s, j in enumerate(fields.sparse):
+        from_common = common.has(j, rows.lines)
+        if from_common.any():
+            ids[s, from_common] = common_ids[j][rows.lines[from_common]]
+        e = rows.entries.last[:, j]
+        own = (e >= 0) & rows.keep & ~from_common
+        if own.any():
+            ids[s, own] = vocab[s].lookup(rows.entries.ids(e[own]))
+    dense = [_scale(rows.dense[d], float(train.lo[d]), float(train.hi[d])) for d in range(len(fields.dense))]
+    targets = {split: rows.keep} if val is None else {"train": rows.keep & (val == 0), "val": rows.keep & (val != 0)}
+    tables = {}
+    for target, mask in targets.items():
+        sel = np.flatnonzero(mask)
+        if len(sel):
+            columns = [rows.click[sel], rows.purchase[sel], *(i[sel] for i in ids), *(d[sel] for d in dense)]
+            tables[target] = pa.Table.from_arrays([pa.array(c) for c in columns], schema=schema)
+    return _Mapped(n, tables, skipped)
+
+
+def _write_skeleton(skeleton: Path, split: str, common: CommonTable, fields: Fields, vocab: Sequence[Vocab],
                     train: _TrainCounts, writers: Mapping[str, _SplitWriter], val_in: BinaryIO | None,
-                    skipped: Counter[str], block_size: int, progress: Callable[[int, int], None] | None) -> int:
+                    skipped: Counter[str], block_size: int, workers: int,
+                    progress: Callable[[int, int], None] | None) -> int:
     """Pass 2 over one skeleton file: map ids, scale dense values, append rows to the split writers."""
     common_ids = {}  # wanted field position -> model id of each common line's entry (0 when absent)
     for s, j in enumerate(fields.sparse):
         if j in common.codes:
             per_id = np.concatenate([vocab[s].lookup(common.dictionary[j]), np.zeros(1, dtype=np.int32)])
             common_ids[j] = per_id[common.codes[j]]  # code -1 takes the trailing 0
+    schema = writers["test"].schema
+
+    def jobs() -> Iterator[Callable[[], _Mapped]]:
+        for chunk in read_chunks(skeleton, SKELETON_COLUMNS, block_size, progress):
+            val = None if val_in is None else np.frombuffer(val_in.read(len(chunk)), dtype=np.uint8)
+            yield partial(_map_chunk, chunk, val, split, common, common_ids, fields, vocab, train, schema)
+
     max_rows = 0
-    for chunk in read_chunks(skeleton, SKELETON_COLUMNS, block_size, progress):
-        n = len(chunk)
-        max_rows = max(max_rows, n)
-        rows = _parse_rows(chunk, common, fields)
-        for reason, mask in sorted(((_NOISE, rows.noise), (_NO_COMMON, rows.keep & (rows.lines < 0))),
-                                   key=lambda rm: int(np.argmax(rm[1])) if rm[1].any() else n):
-            if mask.any():  # reasons enter `skipped` in the order the per-line reader met them
-                skipped[reason] += int(mask.sum())
-        ids = np.zeros((len(fields.sparse), n), dtype=np.int32)
-        for s, j in enumerate(fields.sparse):
-            from_common = common.has(j, rows.lines)
-            if from_common.any():
-                ids[s, from_common] = common_ids[j][rows.lines[from_common]]
-            e = rows.entries.last[:, j]
-            own = (e >= 0) & rows.keep & ~from_common
-            if own.any():
-                ids[s, own] = vocab[s].lookup(rows.entries.ids(e[own]))
-        dense = [_scale(rows.dense[d], float(train.lo[d]), float(train.hi[d])) for d in range(len(fields.dense))]
-        if val_in is None:
-            targets = {split: rows.keep}
-        else:
-            val = np.frombuffer(val_in.read(n), dtype=np.uint8).astype(bool)
-            targets = {"train": rows.keep & ~val, "val": rows.keep & val}
-        for target, mask in targets.items():
-            sel = np.flatnonzero(mask)
-            if len(sel):
-                columns = [rows.click[sel], rows.purchase[sel], *(i[sel] for i in ids), *(d[sel] for d in dense)]
-                writers[target].append(pa.Table.from_arrays([pa.array(c) for c in columns],
-                                                            schema=writers[target].schema))
-        del rows, chunk  # one chunk in memory, not two
+    for part in _in_order(jobs(), workers):
+        max_rows = max(max_rows, part.n_rows)
+        for reason, k in part.skipped:
+            skipped[reason] += k
+        for target, table in part.tables.items():
+            writers[target].append(table)
     return max_rows
 
 
@@ -493,7 +479,7 @@ def _write_vocab(path: Path, sparse: Sequence[str], vocab: Sequence[Vocab]) -> N
     pq.write_table(vocab_table, str(path))
 
 
-def _read_common(path: Path, fields: _Fields, block_size: int, bars: _Bars) -> CommonTable:
+def _read_common(path: Path, fields: Fields, block_size: int, bars: _Bars) -> CommonTable:
     common = CommonTable.read(path, fields.array(), fields.dense, block_size, bars.bar(path, f"index {path.name}"))
     bars.say(f"indexed {common.n_lines} common-feature lines of {path.name}")
     return common
@@ -569,6 +555,7 @@ def prepare_ali_ccp(
     val_share: float = DEFAULT_VAL_SHARE,
     row_group_size: int = DEFAULT_ROW_GROUP,
     block_size: int = DEFAULT_BLOCK,
+    workers: int = DEFAULT_WORKERS,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> PrepareReport:
@@ -577,15 +564,16 @@ def prepare_ali_ccp(
     See Note [Ali-CCP raw format] for the mapping and Note [Prepare passes] for how it runs. `min_count`:
     raw ids seen fewer times in train map to 0; `val_share`: share of the train skeleton held out as val;
     `row_group_size`: rows per Parquet row group; `block_size`: bytes of raw text per chunk (with the
-    common-features table, what bounds memory); `progress`: progress bars with rows/s (tqdm) on stderr;
+    common-features table, what bounds memory); `workers`: threads parsing chunks; `progress`: progress bars with rows/s (tqdm) on stderr;
     `log`: receives one-line notes.
     """
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     if not 0.0 <= val_share < 1.0:
         raise ValueError(f"val_share must lie in [0, 1), got {val_share}")
-    if row_group_size < 1 or block_size < 1:
-        raise ValueError(f"row_group_size and block_size must be positive, got {row_group_size}, {block_size}")
+    if row_group_size < 1 or block_size < 1 or workers < 1:
+        raise ValueError(f"row_group_size, block_size and workers must be positive, got {row_group_size}, "
+                         f"{block_size}, {workers}")
     raw = Path(raw).expanduser()
     out = Path(out).expanduser() if out is not None else default_out()
     files = _find_raw(raw)
@@ -593,7 +581,7 @@ def prepare_ali_ccp(
 
     schema = KNOWN_DATASETS["ali_ccp"].schema
     sparse = schema.sparse
-    fields = _Fields.of(sparse, schema.dense)
+    fields = Fields.of(sparse, schema.dense)
 
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
@@ -605,7 +593,7 @@ def prepare_ali_ccp(
         common_lines = {"train": common.n_lines}
         skeleton = files["sample_skeleton_train"]
         with open(work / "val.flags", "wb") as val_out:
-            train = _count_train(skeleton, common, fields, sparse, val_share, block_size, val_out,
+            train = _count_train(skeleton, common, fields, sparse, val_share, block_size, workers, val_out,
                                  bars.bar(skeleton, f"count {skeleton.name}"))
         vocab = [build_vocab(train.counts[f], min_count) for f in sparse]
         vocab_sizes = {f: len(v.raw_ids) + 1 for f, v in zip(sparse, vocab)}
@@ -623,13 +611,13 @@ def prepare_ali_ccp(
         max_rows = train.max_chunk_rows
         with open(work / "val.flags", "rb") as val_in:
             max_rows = max(max_rows, _write_skeleton(skeleton, "train", common, fields, vocab, train, writers, val_in,
-                                                     skipped, block_size, bars.bar(skeleton, f"write {skeleton.name}")))
+                                                     skipped, block_size, workers, bars.bar(skeleton, f"write {skeleton.name}")))
         del common
         common = _read_common(files["common_features_test"], fields, block_size, bars)
         common_lines["test"] = common.n_lines
         skeleton = files["sample_skeleton_test"]
         max_rows = max(max_rows, _write_skeleton(skeleton, "test", common, fields, vocab, train, writers, None,
-                                                 skipped, block_size, bars.bar(skeleton, f"write {skeleton.name}")))
+                                                 skipped, block_size, workers, bars.bar(skeleton, f"write {skeleton.name}")))
         del common
         for w in writers.values():
             w.close()
@@ -672,13 +660,13 @@ def prepare_ali_ccp(
 
 def prepare(name: str, raw: str | Path, out: str | Path | None = None, *, min_count: int = DEFAULT_MIN_COUNT,
             val_share: float = DEFAULT_VAL_SHARE, row_group_size: int = DEFAULT_ROW_GROUP,
-            block_size: int = DEFAULT_BLOCK, progress: bool = False,
+            block_size: int = DEFAULT_BLOCK, workers: int = DEFAULT_WORKERS, progress: bool = False,
             log: Callable[[str], None] | None = None) -> PrepareReport:
     """`mtldsl data prepare NAME`: dispatch on the dataset name (only ali_ccp has a raw format to convert)."""
     key = name.strip().lower().replace("-", "_")
     if key == "ali_ccp":
         return prepare_ali_ccp(raw, out if out is not None else default_out(key), min_count=min_count,
-                               val_share=val_share, row_group_size=row_group_size, block_size=block_size,
+                               val_share=val_share, row_group_size=row_group_size, block_size=block_size, workers=workers,
                                progress=progress, log=log)
     known = ", ".join(PREPARABLE)
     if key in KNOWN_DATASETS:

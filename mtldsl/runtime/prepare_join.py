@@ -5,7 +5,9 @@ common line, the dictionary code of each wanted field's last entry and the value
 the join side, held in memory (Note [Join memory]). `CommonTable.lookup` maps a chunk's
 common_feature_index column to common lines. `IdCounts` merges per-chunk value counts of raw ids into
 one table per field; `build_vocab` turns counts into the vocabulary (Note [Ali-CCP raw format] in
-runtime/prepare.py), and `Vocab.lookup` maps raw ids to model ids.
+runtime/prepare.py), and `Vocab.lookup` maps raw ids to model ids. `parse_rows` takes a skeleton chunk
+and gives its `Rows`: labels, noise, feature entries, the join and the dense values, or raises
+DataError for its first bad line.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..catalog import DataError
-from .prepare_read import parse_entries, read_chunks, to_float
+from .prepare_read import Chunk, Entries, parse_entries, read_chunks, to_float
 
-__all__ = ["CommonTable", "IdCounts", "Vocab", "build_vocab", "malformed_message", "positions"]
+__all__ = ["SKELETON_COLUMNS", "CommonTable", "Fields", "IdCounts", "Rows", "Vocab", "build_vocab", "malformed_message",
+           "parse_rows", "positions"]
+
+SKELETON_COLUMNS = ("sample_id", "click", "purchase", "common_feature_index", "num_features", "feature_list")
 
 # Note [Join memory]
 # The common-features file of a split is held in memory, one split at a time, and only for the wanted
@@ -192,3 +197,95 @@ def build_vocab(counts: pa.Table, min_count: int) -> Vocab:
     order = pc.sort_indices(kept, sort_keys=[("count", "descending"), ("raw_id", "ascending")])
     kept = kept.take(order)
     return Vocab(kept.column("raw_id").combine_chunks(), kept.column("count").combine_chunks(), counts.num_rows)
+
+
+# --- skeleton rows ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Fields:
+    """The wanted fields as positions: every sparse field and dense source, in one order."""
+
+    names: tuple[str, ...]  # sparse fields, then dense sources that are not sparse
+    sparse: tuple[int, ...]  # position of each schema.sparse field
+    dense: tuple[int, ...]  # position of each dense source (D109_14 -> 109_14)
+    dense_sources: tuple[str, ...]
+
+    @classmethod
+    def of(cls, sparse: Sequence[str], dense_columns: Sequence[str]) -> Fields:
+        sources = tuple(d[1:] for d in dense_columns)  # D109_14 -> 109_14
+        names = tuple(sparse) + tuple(s for s in dict.fromkeys(sources) if s not in sparse)
+        return cls(names, tuple(range(len(sparse))), tuple(names.index(s) for s in sources), sources)
+
+    def array(self) -> pa.Array:
+        return pa.array(list(self.names), pa.string())
+
+
+@dataclass
+class Rows:
+    """One skeleton chunk, parsed and joined; `keep` marks its samples (labels 0/1, not noise, not a header)."""
+
+    chunk: Chunk
+    keep: np.ndarray
+    noise: np.ndarray
+    click: np.ndarray  # int8
+    purchase: np.ndarray  # int8
+    entries: Entries
+    lines: np.ndarray  # the common line of each row, -1 when the common-features file has none
+    dense: np.ndarray  # (D, rows) raw dense values after the join, 0 when the field is missing
+
+
+def _flags(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(== "0", == "1") of a label column."""
+    return (pc.equal(column, "0").to_numpy(zero_copy_only=False), pc.equal(column, "1").to_numpy(zero_copy_only=False))
+
+
+def parse_rows(chunk: Chunk, common: CommonTable, fields: Fields) -> Rows:
+    """Labels, noise, feature entries, the join and the dense values of a skeleton chunk; raises for its first bad line.
+
+    The checks of a line come in today's order (column count, labels, noise skipped, feature list, dense
+    values), and the first bad line of the chunk is the one reported.
+    """
+    n = len(chunk)
+    sample_id, click, purchase, index, _, feature_list = chunk.columns
+    c0, c1 = _flags(click)
+    p0, p1 = _flags(purchase)
+    header = np.zeros(n, dtype=bool)
+    if chunk.first == 0 and n and click[0].as_py() == "click" and chunk.line(0) == 1:
+        header[0] = True  # a header line someone added
+    bad_click = ~(c0 | c1) & ~header
+    bad_purchase = ~(p0 | p1) & ~header & ~bad_click
+    noise = c0 & p1
+    entries = parse_entries(feature_list, fields.array())
+    live = ~header & ~bad_click & ~bad_purchase & ~noise
+    malformed = live & (entries.parts % 3 != 0)
+    keep = live & ~malformed
+    lines = common.join(index)
+    dense = np.zeros((len(fields.dense), n), dtype=np.float64)
+    for d, j in enumerate(fields.dense):
+        from_common = common.has(j, lines) & keep  # a field in both files takes the common entry
+        if from_common.any():
+            dense[d, from_common] = common.dense[d][lines[from_common]]
+        e = entries.last[:, j]
+        own = (e >= 0) & keep & ~from_common
+        if own.any():
+            dense[d, own] = to_float(entries.values(e[own]))
+    bad_dense = ~np.isfinite(dense)
+    bad = bad_click | bad_purchase | malformed | bad_dense.any(axis=0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        where = chunk.where(i)
+        if bad_click[i] or bad_purchase[i]:
+            name, value = ("click", click) if bad_click[i] else ("purchase", purchase)
+            raise DataError(f"{where}: column '{name}': expected 0 or 1, got {value[i].as_py()[:40]!r}")
+        if malformed[i]:
+            raise DataError(malformed_message(where, int(entries.parts[i])))
+        d = int(np.flatnonzero(bad_dense[:, i])[0])
+        j = fields.dense[d]
+        if common.has(j, lines[i:i + 1])[0]:
+            text = common.bad[(d, int(lines[i]))]
+        else:
+            text = entries.values(entries.last[i:i + 1, j]).to_pylist()[0]
+        raise DataError(f"{where}: field {fields.dense_sources[d]}: expected a finite number as the feature value, "
+                        f"got {text[:40]!r}")
+    return Rows(chunk, keep, noise & ~header, c1.astype(np.int8), p1.astype(np.int8), entries, lines, dense)
