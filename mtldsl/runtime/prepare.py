@@ -344,7 +344,7 @@ class _ChunkCounts:
     val: np.ndarray  # uint8 per row
     n_train: int
     hits: np.ndarray | None  # train rows per common line
-    ids: list[pa.Array | None]  # per sparse field: raw ids of the train rows whose common line lacks the field
+    ids: list[pa.Array | None]  # per sparse field: value counts of the raw ids of train rows whose common line lacks it
     lo: np.ndarray | None
     hi: np.ndarray | None
 
@@ -361,7 +361,7 @@ def _count_chunk(chunk: Chunk, common: CommonTable, fields: Fields, val_share: f
     for j in fields.sparse:
         e = rows.entries.last[:, j]
         own = train & (e >= 0) & ~common.has(j, rows.lines)
-        ids.append(rows.entries.ids(e[own]) if own.any() else None)
+        ids.append(pc.value_counts(rows.entries.ids(e[own])) if own.any() else None)
     dense = rows.dense[:, train]
     return _ChunkCounts(val.astype(np.uint8), int(train.sum()), hits, ids, dense.min(axis=1), dense.max(axis=1))
 
@@ -386,7 +386,7 @@ def _count_train(skeleton: Path, common: CommonTable, fields: Fields, sparse: Se
         hits += part.hits
         for c, ids in zip(counts, part.ids):
             if ids is not None:
-                c.add(ids)
+                c.add(ids.field("values"), ids.field("counts"))
         lo, hi = np.minimum(lo, part.lo), np.maximum(hi, part.hi)
     if n_train == 0:
         raise DataError(f"{skeleton}: no training rows (empty file, or every sample fell into val or was dropped)")

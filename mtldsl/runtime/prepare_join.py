@@ -147,21 +147,18 @@ class CommonTable:
 
 
 class IdCounts:
-    """Raw id -> count for one field, merged from per-chunk value counts (memory: distinct ids, twice at most)."""
+    """Raw id -> count for one field, merged from per-chunk value counts (memory: about 3x the distinct ids)."""
 
     def __init__(self) -> None:
         self.merged: pa.Table | None = None
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
 
-    def add(self, ids: pa.Array, counts: pa.Array | None = None) -> None:
-        """Count `ids` (or add `counts` for distinct `ids`)."""
-        if counts is None:
-            vc = pc.value_counts(ids)
-            ids, counts = vc.field("values"), vc.field("counts")
+    def add(self, ids: pa.Array, counts: pa.Array) -> None:
+        """Add `counts` for the distinct raw `ids`."""
         self.pending.append(pa.table({"raw_id": ids.cast(pa.string()), "count": counts.cast(pa.int64())}))
         self.pending_rows += len(ids)
-        if self.pending_rows > max(1 << 20, 2 * (0 if self.merged is None else self.merged.num_rows)):
+        if self.pending_rows > max(1 << 18, 2 * (0 if self.merged is None else self.merged.num_rows)):
             self.merge()
 
     def merge(self) -> pa.Table:
