@@ -6,12 +6,13 @@
 field) and `prepare.json` (settings, row counts, ranges) into OUT. Note [Ali-CCP raw format] describes
 the input and the mapping; Note [Prepare passes] how it runs.
 
-The raw text is read by pyarrow's streaming CSV reader in blocks of `block_size` bytes and every step
-runs on whole chunks (pyarrow compute kernels and numpy), never line by line (runtime/prepare_read.py).
-Memory is bounded by design: one chunk of skeleton rows at a time, each split's Parquet writer holds
-fewer than `row_group_size` rows between chunks, and what grows with the data is the common-features
-table of one split (Note [Join memory] in runtime/prepare_join.py) and the per-field id counts (one
-entry per distinct raw id, which the vocabulary needs anyway), never the number of skeleton rows.
+The raw text is cut into blocks of `block_size` bytes, parsed by pyarrow's CSV parser, and every step
+runs on whole chunks (pyarrow compute kernels and numpy), never line by line (runtime/prepare_read.py),
+in `workers` threads (Note [Prepare threads]). Memory is bounded by design: workers + 1 chunks of
+skeleton rows at a time, each split's Parquet writer holds fewer than `row_group_size` rows between
+chunks, and what grows with the data is the common-features table of one split (Note [Join memory]
+in runtime/prepare_join.py) and the per-field id counts (one entry per distinct raw id, which the
+vocabulary needs anyway), never the number of skeleton rows.
 Outputs are written under a temporary folder in OUT and moved into place at the end, so an
 interrupted run leaves the previous files (or none), never half-written ones.
 """
@@ -220,6 +221,7 @@ def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
     if not span > 0:  # a constant column carries no information: 0 everywhere
         return np.zeros(values.shape, dtype=np.float32)
     return np.clip((values.astype(np.float64) - low) / span, 0.0, 1.0).astype(np.float32)
+
 
 def _find_raw(raw: Path) -> dict[str, Path]:
     """The four raw files, in RAW or in RAW/train and RAW/test."""
