@@ -9,12 +9,16 @@ streamed output.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -127,6 +131,7 @@ def expected_tables(truth: dict, min_count: int, val_share: float = 0.1) -> dict
             table.append(rec)
         out[split] = table
     out["vocab"] = vocab
+    out["counts"] = counts
     return out
 
 
@@ -136,7 +141,7 @@ def prepared(tmp_path_factory):
     truth = write_raw(raw)
     out = tmp_path_factory.mktemp("data") / "ali_ccp"
     notes: list[str] = []
-    report = P.prepare_ali_ccp(raw, out, min_count=3, row_group_size=16, cache_size=8, log=notes.append)
+    report = P.prepare_ali_ccp(raw, out, min_count=3, row_group_size=16, block_size=4096, log=notes.append)
     return raw, out, truth, report, notes
 
 
@@ -168,6 +173,18 @@ def test_join_min_count_mapping_and_dense_match_the_naive_version(prepared) -> N
             for d in SCHEMA.dense:
                 assert g[d] == pytest.approx(e[d], abs=1e-6), (split, e["sample_id"], d)
     assert report.vocab_sizes == {f: len(exp["vocab"][f]) + 1 for f in SCHEMA.sparse}
+
+
+def test_output_is_the_per_line_reference_exactly(prepared) -> None:
+    """Rows in file order, every id, dense values to the float32 bit, and vocab.parquet with its counts."""
+    _, out, truth, _, _ = prepared
+    exp = expected_tables(truth, min_count=3)
+    for split in ("train", "val", "test"):
+        want = [{"click": e["click"], "purchase": e["purchase"], **{f: e[f] for f in SCHEMA.sparse},
+                 **{d: float(np.float32(e[d])) for d in SCHEMA.dense}} for e in exp[split]]
+        assert _read(out / f"{split}.parquet") == want, split
+    vocab = [(r["field"], r["raw_id"], r["id"], r["count"]) for r in _read(out / "vocab.parquet")]
+    assert vocab == [(f, fid, i, exp["counts"][f][fid]) for f in SCHEMA.sparse for fid, i in exp["vocab"][f].items()]
 
 
 def test_specific_mapping_rules(prepared) -> None:
@@ -214,16 +231,18 @@ def test_the_data_layer_loads_the_folder(prepared, monkeypatch) -> None:
     assert len(named.test) == report.rows["test"]
 
 
-def test_memory_is_bounded_by_row_groups_and_the_cache(prepared) -> None:
-    _, out, _, report, _ = prepared
-    assert report.row_group_size == 16 and report.max_rows_buffered <= 16
-    assert report.cache_size == 8 and 0 < report.max_cached <= 8  # 25 users per split, never all in memory
+def test_memory_is_bounded_by_row_groups_and_chunks(prepared) -> None:
+    _, out, truth, report, _ = prepared
+    assert report.row_group_size == 16 and report.max_rows_buffered < 16
+    # a 4 KiB block holds a few dozen skeleton lines: the 400 + 120 lines were never all in memory
+    assert report.block_size == 4096 and 0 < report.max_chunk_rows < 100
+    assert report.common_lines == {"train": 25, "test": 25}  # the join holds the common lines, not the skeleton
     for split in ("train", "val", "test"):
         meta = pq.ParquetFile(out / f"{split}.parquet").metadata
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         assert max(sizes) <= 16 and sum(sizes) == report.rows[split]
         assert meta.num_row_groups == math.ceil(report.rows[split] / 16)
-    assert not list(out.glob(".prepare-*"))  # the temporary index is gone
+    assert not list(out.glob(".prepare-*"))  # the temporary folder is gone
 
 
 def test_output_is_deterministic(prepared, tmp_path) -> None:
@@ -291,3 +310,141 @@ def test_cli_data_prepare(tmp_path) -> None:
     assert bad.exit_code == 1 and "no such folder" in bad.output and "Traceback" not in bad.output
     other = CliRunner().invoke(app, ["data", "prepare", "census_income", "--raw", str(raw), "--out", str(out)])
     assert other.exit_code == 1 and "no raw-file converter" in other.output
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("stage", ["_count_chunk", "_map_chunk"])
+def test_an_interrupted_prepare_keeps_the_previous_output_and_a_rerun_is_identical(tmp_path, monkeypatch, stage) -> None:
+    raw = tmp_path / "raw"
+    write_raw(raw, n_train=300, n_test=100)
+    out = tmp_path / "out"
+    P.prepare_ali_ccp(raw, out, min_count=2, row_group_size=16, block_size=2048)
+    before = _bytes(out)
+    assert set(before) == {"train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "prepare.json", "schema.json"}
+    calls = []
+    real = getattr(P, stage)
+
+    def fail_on_third(*args, **kwargs):  # mid-way: some chunks are done, some rows written
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, stage, fail_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare_ali_ccp(raw, out, min_count=2, row_group_size=16, block_size=2048)
+    assert _bytes(out) == before and not list(out.glob(".prepare-*"))
+    monkeypatch.setattr(P, stage, real)
+    (out / ".prepare-999999999-killed").mkdir()  # left by a prepare that was killed: removed by the next one
+    P.prepare_ali_ccp(raw, out, min_count=2, row_group_size=16, block_size=2048)
+    assert _bytes(out) == before and not list(out.glob(".prepare-*"))
+
+
+def test_workers_and_block_sizes_do_not_change_a_byte(prepared, tmp_path) -> None:
+    raw, out, _, _, _ = prepared
+    for workers, block in ((1, 1 << 20), (2, 100), (3, 777)):
+        again = tmp_path / f"w{workers}"
+        P.prepare_ali_ccp(raw, again, min_count=3, row_group_size=16, block_size=block, workers=workers)
+        assert _bytes(again) == _bytes(out), (workers, block)
+
+
+def test_lines_pyarrow_rejects_are_read_as_the_per_line_reader_did(prepared, tmp_path) -> None:
+    """A comma inside the feature list, blank lines, CRLF endings: accepted as before, same output."""
+    raw, out, _, _, _ = prepared
+    odd = tmp_path / "raw"
+    odd.mkdir()
+    for p in raw.iterdir():
+        (odd / p.name).write_bytes(p.read_bytes())
+    path = odd / "sample_skeleton_train.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[7] = lines[7].rstrip("\n") + "\x01999\x021\x031,5\n"  # a field the schema does not use, with a comma
+    lines[20] = lines[20].replace("\n", "\r\n")
+    path.write_text("\n" + "".join(lines[:30]) + "\n\n" + "".join(lines[30:]))
+    P.prepare_ali_ccp(odd, tmp_path / "out", min_count=3, row_group_size=16, block_size=4096)
+    for name in ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "schema.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def _raw_with(tmp_path: Path, edit) -> Path:
+    raw = tmp_path / "raw"
+    write_raw(raw, n_train=60, n_test=30)
+    path = raw / "sample_skeleton_train.csv"
+    lines = path.read_bytes().splitlines(keepends=True)
+    edit(lines)
+    path.write_bytes(b"".join(lines))
+    return raw
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda ls: ls.__setitem__(9, ls[9].replace(b"tr", b"\xff")), r"sample_skeleton_train\.csv: line 10: not UTF-8 text"),
+    (lambda ls: ls.__setitem__(9, ls[9].replace(b",", b";", 4)), r"line 10: expected 6 comma-separated columns .*, got 2"),
+    (lambda ls: ls.insert(3, b"\n"), None),  # a blank line: the errors below still name the right lines
+    (lambda ls: (ls.insert(3, b"\n"), ls.__setitem__(12, b"x,1,1,tr0000c0ffee,1,508\x021\x03nan\n")),
+     r"line 13: field 508: expected a finite number as the feature value, got 'nan'"),
+    (lambda ls: (ls.insert(0, b"\r\n"), ls.__setitem__(40, b"x,1,0,tr0000c0ffee,1,508\x021\x031.0\x01205\n")),
+     r"line 41: malformed feature list: .* got 4 parts"),
+    (lambda ls: ls.__setitem__(2, b"x,0,1,tr0000c0ffee,1,508\x021\n"), None),  # a noise line is dropped unread
+    (lambda ls: (ls.__setitem__(2, b"x,3,0,tr0000c0ffee,1,508\n"), ls.__setitem__(1, b"x,1,0,a,1\n")),
+     r"line 2: expected 6 comma-separated columns .*, got 5"),  # the first bad line in file order wins
+    (lambda ls: (ls.__setitem__(1, b"x,3,0,tr0000c0ffee,1,508\n"), ls.__setitem__(2, b"x,1,0,a,1\n")),
+     r"line 2: column 'click': expected 0 or 1, got '3'"),
+])
+def test_bad_lines_are_named_like_the_per_line_reader_did(tmp_path, edit, message) -> None:
+    raw = _raw_with(tmp_path, edit)
+    for workers in (1, 2):
+        if message is None:
+            P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1, block_size=512, workers=workers)
+        else:
+            with pytest.raises(DataError, match=message):
+                P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1, block_size=512, workers=workers)
+
+
+def test_a_bad_dense_value_in_the_common_file_names_the_sample_that_joins_it(tmp_path) -> None:
+    raw = tmp_path / "raw"
+    write_raw(raw, n_train=60, n_test=30)
+    path = raw / "common_features_train.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    idx = lines[3].split(",")[0]
+    lines[3] = lines[3].rstrip("\n") + "\x01109_14\x02123\x03inf\n"  # the last 109_14 entry wins: not finite
+    path.write_text("".join(lines))
+    first = next(n for n, line in enumerate((raw / "sample_skeleton_train.csv").read_text().splitlines(), 1)
+                 if line.split(",")[3] == idx and line.split(",")[1:3] != ["0", "1"])
+    with pytest.raises(DataError, match=rf"sample_skeleton_train\.csv: line {first}: field 109_14: .* got 'inf'"):
+        P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1)
+
+
+def test_split_parts_is_re_split_on_the_three_separators() -> None:
+    rng = random.Random(0)
+    alphabet = ["a", "7", "\x01", "\x02", "\x03", "é", ","]
+    texts = ["", "a", "\x01", "a\x01", "\x01a", "a\x02b\x03c", "\x03\x03"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(12))) for _ in range(400)]
+    from mtldsl.runtime.prepare_read import split_parts
+
+    array = pa.array(texts, pa.string()).slice(3)  # an offset into the buffers, as a chunk column may have
+    tokens, parts, first = split_parts(array)
+    for i, text in enumerate(texts[3:]):
+        want = re.split("[\x01\x02\x03]", text) if text else []
+        assert parts[i] == len(want)
+        assert tokens.slice(first[i], parts[i]).to_pylist() == want, repr(text)
+
+
+def test_progress_bar_shows_rows_per_second(tmp_path, monkeypatch) -> None:
+    import tqdm
+
+    shown = io.StringIO()
+
+    class Visible(tqdm.tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs.update(disable=False, file=shown, mininterval=0)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Visible)
+    raw = tmp_path / "raw"
+    write_raw(raw, n_train=200, n_test=50)
+    P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1, block_size=1024, progress=True)
+    text = shown.getvalue()
+    assert "count sample_skeleton_train.csv" in text and "write sample_skeleton_test.csv" in text
+    assert re.search(r"[\d,]+ rows, [\d,]+ rows/s", text)

@@ -59,10 +59,14 @@ def prepare_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: $MTLDSL_DATA/<name> or ~/.mtldsl/data/<name>)."),
     min_count: int = typer.Option(10, "--min-count", help="Raw ids seen fewer times in train map to id 0."),
     val_share: float = typer.Option(0.1, "--val-share", help="Share of the train file held out as val (by sample id)."),
-    row_group_size: int = typer.Option(100_000, "--row-group-size", help="Rows per Parquet row group (memory bound)."),
+    row_group_size: int = typer.Option(100_000, "--row-group-size", help="Rows per Parquet row group."),
+    block_size: int = typer.Option(8 << 20, "--block-size",
+                                   help="Bytes of raw text parsed at once, per worker (with the common-features "
+                                        "table of one split, what bounds memory)."),
+    workers: int = typer.Option(2, "--workers", help="Threads parsing blocks (output is the same for any number)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
-    """Convert raw dataset files into train/val/test Parquet + schema.json, streaming in bounded memory."""
+    """Convert raw dataset files into train/val/test Parquet + schema.json, vectorised, in bounded memory."""
     from ..catalog import DataError, DatasetNotFound
     from ..runtime.prepare import prepare
 
@@ -71,7 +75,7 @@ def prepare_cmd(
 
     try:
         report = prepare(name, raw, out, min_count=min_count, val_share=val_share, row_group_size=row_group_size,
-                         progress=not no_progress, log=note)
+                         block_size=block_size, workers=workers, progress=not no_progress, log=note)
     except (DataError, DatasetNotFound, ValueError) as e:
         _fail(str(e))
         return

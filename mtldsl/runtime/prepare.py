@@ -1,16 +1,18 @@
-"""Raw Tianchi Ali-CCP files -> the dataset folder runtime/data.py reads, by streaming in bounded memory.
+"""Raw Tianchi Ali-CCP files -> the dataset folder runtime/data.py reads, vectorised, in bounded memory.
 
 `prepare_ali_ccp(raw, out)` reads `sample_skeleton_{train,test}.csv` and `common_features_{train,test}.csv`
 (in RAW or RAW/train, RAW/test) and writes `train.parquet`, `val.parquet`, `test.parquet`, `schema.json`
 (the catalog's `ali_ccp` schema with vocabulary sizes), `vocab.parquet` (raw feature id -> model id per
 field) and `prepare.json` (settings, row counts, ranges) into OUT. Note [Ali-CCP raw format] describes
-the input and the mapping.
+the input and the mapping; Note [Prepare passes] how it runs.
 
-Memory is bounded by design, not by measurement: lines are read one at a time; the common-features
-file is indexed once into an on-disk SQLite table holding only the fields the schema uses, read back
-through an LRU cache of `cache_size` entries; each split's Parquet writer buffers at most
-`row_group_size` rows and writes them as one row group. What grows with the data is the per-field
-id counts (one entry per distinct raw id, which the vocabulary needs anyway), never the rows.
+The raw text is cut into blocks of `block_size` bytes, parsed by pyarrow's CSV parser, and every step
+runs on whole chunks (pyarrow compute kernels and numpy), never line by line (runtime/prepare_read.py),
+in `workers` threads (Note [Prepare threads]). Memory is bounded by design: workers + 1 chunks of
+skeleton rows at a time, each split's Parquet writer holds fewer than `row_group_size` rows between
+chunks, and what grows with the data is the common-features table of one split (Note [Join memory]
+in runtime/prepare_join.py) and the per-field id counts (one entry per distinct raw id, which the
+vocabulary needs anyway), never the number of skeleton rows.
 Outputs are written under a temporary folder in OUT and moved into place at the end, so an
 interrupted run leaves the previous files (or none), never half-written ones.
 """
@@ -24,21 +26,29 @@ import math
 import os
 import re
 import shutil
-import sqlite3
 import tempfile
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ..catalog import KNOWN_DATASETS, SCHEMA_FILE, DataError, DatasetNotFound, data_roots, schema_to_json
+from .prepare_join import SKELETON_COLUMNS, CommonTable, Fields, IdCounts, Vocab, build_vocab, parse_rows
+from .prepare_read import Chunk, read_chunks
 
 __all__ = [
+    "DEFAULT_BLOCK",
     "DEFAULT_MIN_COUNT",
     "DEFAULT_ROW_GROUP",
+    "DEFAULT_WORKERS",
     "DEFAULT_VAL_SHARE",
     "PREPARABLE",
     "PrepareReport",
@@ -74,11 +84,13 @@ __all__ = [
 #   independent of file order), else train; test skeleton -> test. torch-rechub instead halves the
 #   test file into val and test.
 
+_T = TypeVar("_T")
 LABELS = ("click", "purchase")
 DEFAULT_MIN_COUNT = 10
 DEFAULT_VAL_SHARE = 0.1
 DEFAULT_ROW_GROUP = 100_000
-DEFAULT_CACHE = 100_000
+DEFAULT_BLOCK = 8 << 20  # bytes of raw text per chunk
+DEFAULT_WORKERS = 2  # threads that parse chunks (Note [Prepare threads])
 PREPARABLE = ("ali_ccp",)
 _SEP = re.compile("[\x01\x02\x03]")
 _NOISE = "click=0,purchase=1"
@@ -101,9 +113,10 @@ class PrepareReport:
     min_count: int
     val_share: float
     row_group_size: int
-    max_rows_buffered: int  # the most rows any writer held at once (<= row_group_size)
-    cache_size: int
-    max_cached: int  # the most common-feature entries held in memory at once (<= cache_size)
+    max_rows_buffered: int  # the most rows any writer held between chunks (< row_group_size)
+    block_size: int  # bytes of raw text per chunk
+    max_chunk_rows: int  # the most raw lines held at once (one chunk)
+    common_lines: dict[str, int]  # common-feature lines held for the join, per split (one split at a time)
     files: dict[str, str] = field(default_factory=dict)  # written file name -> path
 
 
@@ -112,6 +125,8 @@ class PrepareReport:
 
 def parse_features(text: str, wanted: frozenset[str] | set[str] | None = None, *, where: str = "") -> dict[str, tuple[str, str]]:
     """field -> (feature_id, value) from a raw feature list; the last entry of a repeated field wins.
+
+    The one-line reference of what prepare_read.parse_entries does to a whole chunk (not used by prepare).
 
     `wanted` keeps only those fields. A list whose parts do not come in (field, id, value) triples
     raises DataError naming `where`.
@@ -129,94 +144,7 @@ def parse_features(text: str, wanted: frozenset[str] | set[str] | None = None, *
     return out
 
 
-def _encode(features: Mapping[str, tuple[str, str]]) -> str:
-    return "\x01".join(f"{f}\x02{fid}\x03{v}" for f, (fid, v) in features.items())
-
-
-def _lines(path: Path, progress: Callable[[int], None] | None) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text without the line ending), one line in memory at a time."""
-    with open(path, "rb") as f:
-        done = 0
-        for n, raw in enumerate(f, 1):
-            if progress is not None:
-                done += len(raw)
-                if done >= 1 << 22:
-                    progress(done)
-                    done = 0
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}: line {n}: not UTF-8 text") from None
-            line = line.rstrip("\r\n")
-            if line:
-                yield n, line
-        if progress is not None and done:
-            progress(done)
-
-
-# --- the common-features index ----------------------------------------------------------------------
-
-
-class _CommonIndex:
-    """common_feature_index -> the wanted fields of that line: an SQLite table on disk behind an LRU cache."""
-
-    def __init__(self, db_path: Path, cache_size: int) -> None:
-        self.db = sqlite3.connect(str(db_path))
-        self.db.execute("PRAGMA journal_mode=OFF")
-        self.db.execute("PRAGMA synchronous=OFF")
-        self.db.execute("PRAGMA cache_size=-16384")  # 16 MiB page cache
-        self.cache: OrderedDict[tuple[str, str], dict[str, tuple[str, str]] | None] = OrderedDict()
-        self.cache_size = cache_size
-        self.max_cached = 0
-
-    def build(self, table: str, path: Path, wanted: frozenset[str], progress: Callable[[int], None] | None) -> int:
-        self.db.execute(f"DROP TABLE IF EXISTS {table}")
-        self.db.execute(f"CREATE TABLE {table} (idx TEXT PRIMARY KEY, feats TEXT NOT NULL) WITHOUT ROWID")
-        batch: list[tuple[str, str]] = []
-        n_rows = 0
-        for n, line in _lines(path, progress):
-            cols = line.split(",", 2)
-            if len(cols) != 3:
-                raise DataError(f"{path}: line {n}: expected 3 comma-separated columns "
-                                f"(common_feature_index,num_features,feature_list), got {len(cols)}")
-            feats = parse_features(cols[2], wanted, where=f"{path}: line {n}")
-            batch.append((cols[0], _encode(feats)))
-            n_rows += 1
-            if len(batch) >= 10_000:
-                self.db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", batch)
-                batch.clear()
-        if batch:
-            self.db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", batch)
-        self.db.commit()
-        return n_rows
-
-    def get(self, table: str, idx: str) -> dict[str, tuple[str, str]] | None:
-        key = (table, idx)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
-        row = self.db.execute(f"SELECT feats FROM {table} WHERE idx = ?", (idx,)).fetchone()
-        value = None if row is None else parse_features(row[0])
-        self.cache[key] = value
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
-        self.max_cached = max(self.max_cached, len(self.cache))
-        return value
-
-    def close(self) -> None:
-        self.db.close()
-
-
 # --- rows -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Row:
-    sample_id: str
-    click: int
-    purchase: int
-    features: dict[str, tuple[str, str]]
-    dense: list[float]  # raw values of the dense source fields (0.0 when absent)
 
 
 def _is_val(sample_id: str, share: float) -> bool:
@@ -225,98 +153,74 @@ def _is_val(sample_id: str, share: float) -> bool:
     return h < share * 2**64
 
 
-def _label(value: str, path: Path, n: int, name: str) -> int:
-    if value == "0":
-        return 0
-    if value == "1":
-        return 1
-    raise DataError(f"{path}: line {n}: column '{name}': expected 0 or 1, got {value[:40]!r}")
-
-
-def _rows(skeleton: Path, table: str, index: _CommonIndex, wanted: frozenset[str], dense_sources: Sequence[str],
-          skipped: Counter[str], progress: Callable[[int], None] | None) -> Iterator[_Row]:
-    """Joined sample rows of one skeleton file, noise rows dropped (counted in `skipped`)."""
-    for n, line in _lines(skeleton, progress):
-        cols = line.split(",", 5)
-        if len(cols) != 6:
-            raise DataError(f"{skeleton}: line {n}: expected 6 comma-separated columns "
-                            "(sample_id,click,purchase,common_feature_index,num_features,feature_list), "
-                            f"got {len(cols)}")
-        if n == 1 and cols[1] == "click":  # a header line someone added
-            continue
-        click = _label(cols[1], skeleton, n, "click")
-        purchase = _label(cols[2], skeleton, n, "purchase")
-        if click == 0 and purchase == 1:
-            skipped[_NOISE] += 1
-            continue
-        features = parse_features(cols[5], wanted, where=f"{skeleton}: line {n}")
-        common = index.get(table, cols[3])
-        if common is None:
-            skipped[_NO_COMMON] += 1
-        else:
-            features.update(common)
-        dense = []
-        for src in dense_sources:
-            entry = features.get(src)
-            if entry is None:
-                dense.append(0.0)
-                continue
-            try:
-                value = float(entry[1])
-            except ValueError:
-                value = math.nan
-            if not math.isfinite(value):
-                raise DataError(f"{skeleton}: line {n}: field {src}: expected a finite number as the feature value, "
-                                f"got {entry[1][:40]!r}")
-            dense.append(value)
-        yield _Row(cols[0], click, purchase, features, dense)
+def _val_mask(sample_ids: pa.Array, keep: np.ndarray, share: float) -> np.ndarray:
+    """_is_val of every kept row, one blake2b call per row (Note [Prepare passes]: once per train row)."""
+    out = np.zeros(len(keep), dtype=bool)
+    if share <= 0 or not keep.any():
+        return out
+    threshold = math.ceil(share * 2**64)  # h < x <=> h < ceil(x) for an integer h: the same test as _is_val
+    blake = hashlib.blake2b
+    ids = pc.cast(sample_ids.filter(pa.array(keep)), pa.binary()).to_pylist()
+    digests = np.frombuffer(b"".join([blake(s, digest_size=8).digest() for s in ids]), dtype=">u8")
+    out[keep] = digests.astype(np.uint64) < np.uint64(threshold)
+    return out
 
 
 # --- writing --------------------------------------------------------------------------------------
 
 
 class _SplitWriter:
-    """One split's Parquet file, written one row group of at most `row_group_size` rows at a time."""
+    """One split's Parquet file, written one row group of exactly `row_group_size` rows at a time (the last may be short)."""
 
-    def __init__(self, path: Path, columns: Sequence[tuple[str, Any]], row_group_size: int,
-                 post: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.pa = pa
-        self.names = [c for c, _ in columns]
-        self.types = [t for _, t in columns]
-        self.schema = pa.schema([(c, t) for c, t in columns])
-        self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
+    def __init__(self, path: Path, schema: pa.Schema, row_group_size: int) -> None:
+        self.path = path
+        self.schema = schema
+        self.writer = pq.ParquetWriter(str(path), schema, compression="zstd")
         self.row_group_size = row_group_size
-        self.post = [None if post is None else post.get(c) for c in self.names]  # per-column vectorised transform
-        self.rows: list[tuple[Any, ...]] = []
+        self.held: list[pa.Table] = []
+        self.n_held = 0
         self.written = 0
         self.max_held = 0
+        self.closed = False
 
-    def append(self, row: tuple[Any, ...]) -> None:
-        self.rows.append(row)
-        self.max_held = max(self.max_held, len(self.rows))
-        if len(self.rows) >= self.row_group_size:
-            self.flush()
+    def append(self, table: pa.Table) -> None:
+        self.held.append(table)
+        self.n_held += table.num_rows
+        if self.n_held >= self.row_group_size:
+            self._write(self.n_held - self.n_held % self.row_group_size)
+        self.max_held = max(self.max_held, self.n_held)
 
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        arrays = []
-        for col, t, fn in zip(zip(*self.rows), self.types, self.post):
-            a = np.asarray(col, dtype=t.to_pandas_dtype()) if fn is None else fn(np.asarray(col)).astype(t.to_pandas_dtype())
-            arrays.append(self.pa.array(a, type=t))
-        self.writer.write_table(self.pa.Table.from_arrays(arrays, schema=self.schema), row_group_size=self.row_group_size)
-        self.written += len(self.rows)
-        self.rows = []
+    def _write(self, n: int) -> None:
+        """Write the first n held rows (a multiple of row_group_size, or all at the end) as row groups."""
+        table = pa.concat_tables(self.held).combine_chunks()
+        for start in range(0, n, self.row_group_size):
+            group = table.slice(start, min(self.row_group_size, n - start))
+            self.writer.write_table(group, row_group_size=self.row_group_size)
+        rest = table.slice(n)
+        self.held = [rest] if rest.num_rows else []
+        self.n_held = rest.num_rows
+        self.written += n
 
     def close(self) -> None:
-        self.flush()
+        if self.n_held:
+            self._write(self.n_held)
         self.writer.close()
+        self.closed = True
+
+    def abandon(self) -> None:
+        """Close the file without writing what is held (after an error; the folder is removed)."""
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            self.closed = True
 
 
-# --- the pipeline ---------------------------------------------------------------------------------
+def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Min-max scaling of a dense column to [0, 1] by its train range, as float32 (a constant column is 0)."""
+    span = float(high - low)
+    if not span > 0:  # a constant column carries no information: 0 everywhere
+        return np.zeros(values.shape, dtype=np.float32)
+    return np.clip((values.astype(np.float64) - low) / span, 0.0, 1.0).astype(np.float32)
 
 
 def _find_raw(raw: Path) -> dict[str, Path]:
@@ -340,8 +244,22 @@ def _find_raw(raw: Path) -> dict[str, Path]:
     return found
 
 
+# Note [Prepare passes]
+# prepare reads the common-features file of a split into memory (Note [Join memory]), then makes two
+# passes over the train skeleton and one over the test skeleton, each one chunk at a time:
+#   1. count: parse and join the train rows, count raw ids of the train rows (val held out) and take
+#      the dense min/max; the val flag of every row (one blake2b per row, the only per-row Python) is
+#      written to a temporary file, one byte per row, so pass 2 reads it back instead of hashing again;
+#   2. write: parse and join again, map ids through the vocabulary, scale, write train/val/test.
+# Parsing twice was chosen over one pass into a temporary raw-id file: that file would be about the
+# size of the raw skeleton (tens of GB for the real data) and writing and reading it back costs about
+# what the second parse does. Ids of a common line count once per train row joined to it: pass 1 counts
+# rows per common line (`hits`) and adds them up per raw id at the end, so the common fields never
+# pass through a hash table per chunk; a skeleton field counts only where the common line lacks it.
+
+
 class _Bars:
-    """Byte-progress bars (tqdm on stderr, one at a time) and one-line notes; a note closes the bar of its pass."""
+    """Progress bars (tqdm on stderr, one at a time) over bytes read, with rows/s; and one-line notes."""
 
     def __init__(self, progress: bool, log: Callable[[str], None] | None) -> None:
         self.progress, self.log = progress, log
@@ -357,7 +275,8 @@ class _Bars:
         if self.log is not None:
             self.log(message)
 
-    def bar(self, path: Path, what: str) -> Callable[[int], None] | None:
+    def bar(self, path: Path, what: str) -> Callable[[int, int], None] | None:
+        """A bar over `path`'s bytes; the returned callable takes (bytes read, rows read) so far."""
         if not self.progress:
             return None
         from tqdm import tqdm
@@ -367,103 +286,267 @@ class _Bars:
         b = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=what, leave=False, dynamic_ncols=True,
                  disable=None)
         self.bars.append(b)
-        return b.update
+
+        def update(done: int, rows: int) -> None:
+            b.update(max(0, min(done, b.total) - b.n))
+            elapsed = b.format_dict.get("elapsed") or 0.0
+            b.set_postfix_str(f"{rows:,} rows, {rows / elapsed if elapsed > 0 else 0:,.0f} rows/s")
+
+        return update
 
 
 @dataclass
 class _TrainCounts:
     """Pass 1 over the train rows (val held out): raw id counts per sparse field, dense ranges, rows."""
 
-    counts: dict[str, Counter[str]]
+    counts: dict[str, pa.Table]  # raw_id, count
     lo: np.ndarray
     hi: np.ndarray
     n_train: int
+    max_chunk_rows: int
 
 
-def _count_train(skeleton: Path, index: _CommonIndex, sparse: Sequence[str], wanted: frozenset[str],
-                 dense_sources: tuple[str, ...], val_share: float, row_group_size: int,
-                 progress: Callable[[int], None] | None) -> _TrainCounts:
-    counts: dict[str, Counter[str]] = {f: Counter() for f in sparse}
-    lo = np.full(len(dense_sources), np.inf)
-    hi = np.full(len(dense_sources), -np.inf)
-    chunk: list[list[float]] = []  # dense values, reduced to min/max every row_group_size rows
+# Note [Prepare threads]
+# The calling thread reads the chunks of a file in order; parsing, joining, counting and mapping a chunk
+# (pyarrow and numpy kernels, which release the GIL) run in `workers` threads, at most workers + 1
+# chunks in flight, and the results are taken in file order. So the counts, the row order, the written
+# bytes and the error reported (the first bad line in file order, also when reading a later block
+# fails) do not depend on the number of workers; memory grows by one chunk per worker.
 
-    def reduce_chunk() -> None:
-        nonlocal lo, hi
-        if chunk:
-            a = np.asarray(chunk, dtype=np.float64)
-            lo, hi = np.minimum(lo, a.min(axis=0)), np.maximum(hi, a.max(axis=0))
-            chunk.clear()
 
-    ignore: Counter[str] = Counter()
-    n_train = 0
-    for row in _rows(skeleton, "train", index, wanted, dense_sources, ignore, progress):
-        if _is_val(row.sample_id, val_share):
+def _in_order(jobs: Iterator[Callable[[], _T]], workers: int) -> Iterator[_T]:
+    """Each job's result, in order; `workers` threads run them (Note [Prepare threads])."""
+    if workers <= 1:
+        for job in jobs:
+            yield job()
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="prepare") as pool:
+        pending: deque[Future[_T]] = deque()
+        try:
+            try:
+                for job in jobs:
+                    pending.append(pool.submit(job))
+                    if len(pending) > workers:
+                        yield pending.popleft().result()
+            except Exception:  # reading failed: the chunks before it (and their errors) come first
+                while pending:
+                    yield pending.popleft().result()
+                raise
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+@dataclass
+class _ChunkCounts:
+    """Pass 1 of one chunk: its rows' val flags and what its train rows add to the counts."""
+
+    val: np.ndarray  # uint8 per row
+    n_train: int
+    hits: np.ndarray | None  # train rows per common line
+    ids: list[pa.Array | None]  # per sparse field: value counts of the raw ids of train rows whose common line lacks it
+    lo: np.ndarray | None
+    hi: np.ndarray | None
+
+
+def _count_chunk(chunk: Chunk, common: CommonTable, fields: Fields, val_share: float) -> _ChunkCounts:
+    rows = parse_rows(chunk, common, fields)
+    val = _val_mask(chunk.columns[0], rows.keep, val_share)
+    train = rows.keep & ~val
+    if not train.any():
+        return _ChunkCounts(val.astype(np.uint8), 0, None, [None] * len(fields.sparse), None, None)
+    joined = rows.lines[train]
+    hits = np.bincount(joined[joined >= 0], minlength=common.n_lines)
+    ids: list[pa.Array | None] = []
+    for j in fields.sparse:
+        e = rows.entries.last[:, j]
+        own = train & (e >= 0) & ~common.has(j, rows.lines)
+        ids.append(pc.value_counts(rows.entries.ids(e[own])) if own.any() else None)
+    dense = rows.dense[:, train]
+    return _ChunkCounts(val.astype(np.uint8), int(train.sum()), hits, ids, dense.min(axis=1), dense.max(axis=1))
+
+
+def _count_train(skeleton: Path, common: CommonTable, fields: Fields, sparse: Sequence[str], val_share: float,
+                 block_size: int, workers: int, val_out: BinaryIO,
+                 progress: Callable[[int, int], None] | None) -> _TrainCounts:
+    """Pass 1 (Note [Prepare passes]): count ids and dense ranges of the train rows, write each row's val flag."""
+    counts = [IdCounts() for _ in sparse]
+    hits = np.zeros(common.n_lines, dtype=np.int64)  # train rows joined to each common line
+    lo = np.full(len(fields.dense), np.inf)
+    hi = np.full(len(fields.dense), -np.inf)
+    n_train = max_rows = 0
+    jobs = (partial(_count_chunk, chunk, common, fields, val_share)
+            for chunk in read_chunks(skeleton, SKELETON_COLUMNS, block_size, progress))
+    for part in _in_order(jobs, workers):
+        max_rows = max(max_rows, len(part.val))
+        val_out.write(part.val.tobytes())
+        if part.hits is None or part.lo is None or part.hi is None:
             continue
-        n_train += 1
-        feats = row.features
-        for f in sparse:
-            entry = feats.get(f)
-            if entry is not None:
-                counts[f][entry[0]] += 1
-        chunk.append(row.dense)
-        if len(chunk) >= row_group_size:
-            reduce_chunk()
-    reduce_chunk()
+        n_train += part.n_train
+        hits += part.hits
+        for c, ids in zip(counts, part.ids):
+            if ids is not None:
+                c.add(ids.field("values"), ids.field("counts"))
+        lo, hi = np.minimum(lo, part.lo), np.maximum(hi, part.hi)
     if n_train == 0:
         raise DataError(f"{skeleton}: no training rows (empty file, or every sample fell into val or was dropped)")
-    return _TrainCounts(counts, lo, hi, n_train)
+    for s, j in enumerate(fields.sparse):
+        codes = common.codes.get(j)
+        if codes is not None:  # every train row joined to a line counts that line's id
+            present = codes >= 0
+            per_id = np.bincount(codes[present], weights=hits[present], minlength=len(common.dictionary[j]))
+            seen = np.flatnonzero(per_id)
+            if len(seen):
+                counts[s].add(common.dictionary[j].take(pa.array(seen)), pa.array(per_id[seen].astype(np.int64)))
+    return _TrainCounts({f: c.merge() for f, c in zip(sparse, counts)}, lo, hi, n_train, max_rows)
 
 
-def _scaler(low: float, high: float) -> Callable[[np.ndarray], np.ndarray]:
-    """Min-max scaling of a dense column to [0, 1] by its train range."""
-    span = float(high - low)
-    if not span > 0:  # a constant column carries no information: 0 everywhere
-        return lambda a: np.zeros(a.shape, dtype=np.float64)
-    return lambda a: np.clip((a.astype(np.float64) - low) / span, 0.0, 1.0)
+@dataclass
+class _Mapped:
+    """Pass 2 of one chunk: output rows per split, and the rows skipped by reason (in the order met)."""
+
+    n_rows: int
+    tables: dict[str, pa.Table]
+    skipped: list[tuple[str, int]]
 
 
-def _write_splits(files: Mapping[str, Path], work: Path, index: _CommonIndex, schema: Any, wanted: frozenset[str],
-                  dense_sources: tuple[str, ...], vocab: Mapping[str, Mapping[str, int]], train: _TrainCounts,
-                  val_share: float, row_group_size: int, bars: _Bars) -> tuple[dict[str, _SplitWriter], Counter[str]]:
-    """Pass 2: map every row's ids and scale its dense values, into train/val/test Parquet files in `work`."""
-    import pyarrow as pa
+def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonTable, common_ids: Mapping[int, np.ndarray],
+               fields: Fields, vocab: Sequence[Vocab], train: _TrainCounts, schema: pa.Schema) -> _Mapped:
+    """Map ids through the vocabulary and scale dense values: the chunk's rows for train/val (or test)."""
+    n = len(chunk)
+    rows = parse_rows(chunk, common, fields)
+    skipped = []
+    for reason, mask in sorted(((_NOISE, rows.noise), (_NO_COMMON, rows.keep & (rows.lines < 0))),
+                               key=lambda rm: int(np.argmax(rm[1])) if rm[1].any() else n):
+        if mask.any():  # reasons enter `skipped` in the order the per-line reader met them
+            skipped.append((reason, int(mask.sum())))
+    ids = np.zeros((len(fields.sparse), n), dtype=np.int32)
+    for s, j in enumerate(fields.sparse):
+        from_common = common.has(j, rows.lines)
+        if from_common.any():
+            ids[s, from_common] = common_ids[j][rows.lines[from_common]]
+        e = rows.entries.last[:, j]
+        own = (e >= 0) & rows.keep & ~from_common
+        if own.any():
+            ids[s, own] = vocab[s].lookup(rows.entries.ids(e[own]))
+    dense = [_scale(rows.dense[d], float(train.lo[d]), float(train.hi[d])) for d in range(len(fields.dense))]
+    targets = {split: rows.keep} if val is None else {"train": rows.keep & (val == 0), "val": rows.keep & (val != 0)}
+    tables = {}
+    for target, mask in targets.items():
+        sel = np.flatnonzero(mask)
+        if len(sel):
+            columns = [rows.click[sel], rows.purchase[sel], *(i[sel] for i in ids), *(d[sel] for d in dense)]
+            tables[target] = pa.Table.from_arrays([pa.array(c) for c in columns], schema=schema)
+    return _Mapped(n, tables, skipped)
 
-    sparse = schema.sparse
-    columns = [(c, pa.int8()) for c in LABELS] + [(f, pa.int32()) for f in sparse] + [(d, pa.float32()) for d in schema.dense]
-    post = {d: _scaler(float(train.lo[j]), float(train.hi[j])) for j, d in enumerate(schema.dense)}
-    writers = {s: _SplitWriter(work / f"{s}.parquet", columns, row_group_size, post) for s in ("train", "val", "test")}
-    maps = [vocab[f] for f in sparse]
-    skipped: Counter[str] = Counter()
-    for split, table in (("train", "train"), ("test", "test")):
-        skeleton = files[f"sample_skeleton_{split}"]
-        for row in _rows(skeleton, table, index, wanted, dense_sources, skipped,
-                         bars.bar(skeleton, f"write {skeleton.name}")):
-            target = split if split == "test" else ("val" if _is_val(row.sample_id, val_share) else "train")
-            feats = row.features
-            ids = [m.get(feats[f][0], 0) if f in feats else 0 for f, m in zip(sparse, maps)]
-            writers[target].append((row.click, row.purchase, *ids, *row.dense))
-    for w in writers.values():
-        w.close()
-    for s, w in writers.items():
-        if w.written == 0:
-            raise DataError(f"no {s} rows were written (check the raw files and --val-share)")
-    return writers, skipped
+
+def _write_skeleton(skeleton: Path, split: str, common: CommonTable, fields: Fields, vocab: Sequence[Vocab],
+                    train: _TrainCounts, writers: Mapping[str, _SplitWriter], val_in: BinaryIO | None,
+                    skipped: Counter[str], block_size: int, workers: int,
+                    progress: Callable[[int, int], None] | None) -> int:
+    """Pass 2 over one skeleton file: map ids, scale dense values, append rows to the split writers."""
+    common_ids = {}  # wanted field position -> model id of each common line's entry (0 when absent)
+    for s, j in enumerate(fields.sparse):
+        if j in common.codes:
+            per_id = np.concatenate([vocab[s].lookup(common.dictionary[j]), np.zeros(1, dtype=np.int32)])
+            common_ids[j] = per_id[common.codes[j]]  # code -1 takes the trailing 0
+    schema = writers["test"].schema
+
+    def jobs() -> Iterator[Callable[[], _Mapped]]:
+        for chunk in read_chunks(skeleton, SKELETON_COLUMNS, block_size, progress):
+            val = None if val_in is None else np.frombuffer(val_in.read(len(chunk)), dtype=np.uint8)
+            yield partial(_map_chunk, chunk, val, split, common, common_ids, fields, vocab, train, schema)
+
+    max_rows = 0
+    for part in _in_order(jobs(), workers):
+        max_rows = max(max_rows, part.n_rows)
+        for reason, k in part.skipped:
+            skipped[reason] += k
+        for target, table in part.tables.items():
+            writers[target].append(table)
+    return max_rows
 
 
-def _write_vocab(path: Path, sparse: Sequence[str], vocab: Mapping[str, Mapping[str, int]],
-                 counts: Mapping[str, Counter[str]]) -> None:
+def _write_vocab(path: Path, sparse: Sequence[str], vocab: Sequence[Vocab]) -> None:
     """vocab.parquet: field, raw_id, id, count of every kept raw id."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    sizes = [len(v.raw_ids) for v in vocab]
     vocab_table = pa.table({
-        "field": pa.array([f for f in sparse for _ in vocab[f]], pa.string()),
-        "raw_id": pa.array([fid for f in sparse for fid in vocab[f]], pa.string()),
-        "id": pa.array([i for f in sparse for i in vocab[f].values()], pa.int32()),
-        "count": pa.array([counts[f][fid] for f in sparse for fid in vocab[f]], pa.int64()),
+        "field": pa.array([f for f, k in zip(sparse, sizes) for _ in range(k)], pa.string()),
+        "raw_id": pa.concat_arrays([v.raw_ids.cast(pa.string()) for v in vocab]),
+        "id": pa.array(np.concatenate([np.arange(1, k + 1) for k in sizes] or [np.zeros(0)]).astype(np.int32)),
+        "count": pa.concat_arrays([v.counts.cast(pa.int64()) for v in vocab]),
     })
     pq.write_table(vocab_table, str(path))
+
+
+def _read_common(path: Path, fields: Fields, block_size: int, bars: _Bars) -> CommonTable:
+    common = CommonTable.read(path, fields.array(), fields.dense, block_size, bars.bar(path, f"index {path.name}"))
+    bars.say(f"indexed {common.n_lines} common-feature lines of {path.name}")
+    return common
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary folders of prepares that were killed (their process is gone) from OUT."""
+    for stale in out.glob(".prepare-*-*"):
+        m = re.fullmatch(r"\.prepare-(\d+)-.*", stale.name)
+        if m is None or not stale.is_dir() or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass  # alive, or not ours to signal
+
+
+def _publish(work: Path, out: Path, names: Sequence[str]) -> dict[str, str]:
+    """fsync every file, then move them into OUT in order (data first, schema.json last), then fsync OUT."""
+    for name in names:
+        fd = os.open(work / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    written = {}
+    for name in names:
+        os.replace(work / name, out / name)
+        written[name] = str(out / name)
+    with contextlib.suppress(OSError):
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return written
+
+
+def _write_side_files(work: Path, files: Mapping[str, Path], schema: Any, vocab: Sequence[Vocab], train: _TrainCounts,
+                      rows: Mapping[str, int], skipped: Counter[str], min_count: int,
+                      val_share: float) -> dict[str, tuple[float, float]]:
+    """schema.json, vocab.parquet and prepare.json into `work`; returns the dense ranges."""
+    sparse = schema.sparse
+    vocab_sizes = {f: len(v.raw_ids) + 1 for f, v in zip(sparse, vocab)}
+    raw_ids = {f: v.n_raw for f, v in zip(sparse, vocab)}
+    final_schema = replace(schema, vocab_sizes=vocab_sizes)
+    (work / SCHEMA_FILE).write_text(schema_to_json(final_schema, with_vocab=True), encoding="utf-8")
+    _write_vocab(work / "vocab.parquet", sparse, vocab)
+    dense_range = {d: (float(train.lo[j]), float(train.hi[j])) for j, d in enumerate(schema.dense)}
+    manifest = {
+        "dataset": "ali_ccp",
+        "raw": {k: {"path": str(p), "bytes": p.stat().st_size} for k, p in files.items()},
+        "min_count": min_count,
+        "val_share": val_share,
+        "split": "train skeleton -> val when blake2b-64(sample_id) < val_share * 2^64; test skeleton -> test",
+        "rows": rows,
+        "skipped": dict(skipped),
+        "vocab_sizes": vocab_sizes,
+        "raw_ids": raw_ids,
+        "dense_range": {k: list(v) for k, v in dense_range.items()},
+    }
+    (work / "prepare.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return dense_range
 
 
 def prepare_ali_ccp(
@@ -473,23 +556,26 @@ def prepare_ali_ccp(
     min_count: int = DEFAULT_MIN_COUNT,
     val_share: float = DEFAULT_VAL_SHARE,
     row_group_size: int = DEFAULT_ROW_GROUP,
-    cache_size: int = DEFAULT_CACHE,
+    block_size: int = DEFAULT_BLOCK,
+    workers: int = DEFAULT_WORKERS,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> PrepareReport:
     """Convert the raw Ali-CCP files in `raw` into a dataset folder `out` (default: default_out()).
 
-    See Note [Ali-CCP raw format] for the mapping. `min_count`: raw ids seen fewer times in train map
-    to 0; `val_share`: share of the train skeleton held out as val; `row_group_size`: rows per
-    Parquet row group (= the most rows buffered per split); `cache_size`: common-feature lines kept in
-    memory; `progress`: show byte-progress bars (tqdm) on stderr; `log`: receives one-line notes.
+    See Note [Ali-CCP raw format] for the mapping and Note [Prepare passes] for how it runs. `min_count`:
+    raw ids seen fewer times in train map to 0; `val_share`: share of the train skeleton held out as val;
+    `row_group_size`: rows per Parquet row group; `block_size`: bytes of raw text per chunk (with the
+    common-features table, what bounds memory); `workers`: threads parsing chunks; `progress`: progress bars with rows/s (tqdm) on stderr;
+    `log`: receives one-line notes.
     """
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     if not 0.0 <= val_share < 1.0:
         raise ValueError(f"val_share must lie in [0, 1), got {val_share}")
-    if row_group_size < 1 or cache_size < 1:
-        raise ValueError(f"row_group_size and cache_size must be positive, got {row_group_size}, {cache_size}")
+    if row_group_size < 1 or block_size < 1 or workers < 1:
+        raise ValueError(f"row_group_size, block_size and workers must be positive, got {row_group_size}, "
+                         f"{block_size}, {workers}")
     raw = Path(raw).expanduser()
     out = Path(out).expanduser() if out is not None else default_out()
     files = _find_raw(raw)
@@ -497,35 +583,49 @@ def prepare_ali_ccp(
 
     schema = KNOWN_DATASETS["ali_ccp"].schema
     sparse = schema.sparse
-    dense_sources = tuple(d[1:] for d in schema.dense)  # D109_14 -> 109_14
-    wanted = frozenset(sparse) | frozenset(dense_sources)
+    fields = Fields.of(sparse, schema.dense)
 
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
-    index = _CommonIndex(work / "common.sqlite", cache_size)
+    _remove_stale(out)
+    work = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out))
+    writers: dict[str, _SplitWriter] = {}
     try:
-        for split in ("train", "test"):
-            path = files[f"common_features_{split}"]
-            n = index.build(split, path, wanted, bars.bar(path, f"index {path.name}"))
-            bars.say(f"indexed {n} common-feature lines of {path.name}")
-
         # pass 1: id counts and dense ranges over the train rows
+        common = _read_common(files["common_features_train"], fields, block_size, bars)
+        common_lines = {"train": common.n_lines}
         skeleton = files["sample_skeleton_train"]
-        train = _count_train(skeleton, index, sparse, wanted, dense_sources, val_share, row_group_size,
-                             bars.bar(skeleton, f"count {skeleton.name}"))
-        counts, lo, hi = train.counts, train.lo, train.hi
-        vocab: dict[str, dict[str, int]] = {}
-        for f in sparse:
-            kept = sorted(((c, fid) for fid, c in counts[f].items() if c >= min_count), key=lambda x: (-x[0], x[1]))
-            vocab[f] = {fid: i for i, (_, fid) in enumerate(kept, 1)}
-        vocab_sizes = {f: len(vocab[f]) + 1 for f in sparse}
-        raw_ids = {f: len(counts[f]) for f in sparse}
+        with open(work / "val.flags", "wb") as val_out:
+            train = _count_train(skeleton, common, fields, sparse, val_share, block_size, workers, val_out,
+                                 bars.bar(skeleton, f"count {skeleton.name}"))
+        vocab = [build_vocab(train.counts[f], min_count) for f in sparse]
+        vocab_sizes = {f: len(v.raw_ids) + 1 for f, v in zip(sparse, vocab)}
+        raw_ids = {f: v.n_raw for f, v in zip(sparse, vocab)}
         bars.say(f"counted {train.n_train} train rows: {sum(raw_ids.values())} distinct raw ids, "
                  f"{sum(vocab_sizes.values()) - len(sparse)} seen at least {min_count} times")
 
         # pass 2: map and write
-        writers, skipped = _write_splits(files, work, index, schema, wanted, dense_sources, vocab, train, val_share,
-                                         row_group_size, bars)
+        columns = ([(c, pa.int8()) for c in LABELS] + [(f, pa.int32()) for f in sparse]
+                   + [(d, pa.float32()) for d in schema.dense])
+        table_schema = pa.schema(columns)
+        writers.update({s: _SplitWriter(work / f"{s}.parquet", table_schema, row_group_size)
+                        for s in ("train", "val", "test")})
+        skipped: Counter[str] = Counter()
+        max_rows = train.max_chunk_rows
+        with open(work / "val.flags", "rb") as val_in:
+            max_rows = max(max_rows, _write_skeleton(skeleton, "train", common, fields, vocab, train, writers, val_in,
+                                                     skipped, block_size, workers, bars.bar(skeleton, f"write {skeleton.name}")))
+        del common
+        common = _read_common(files["common_features_test"], fields, block_size, bars)
+        common_lines["test"] = common.n_lines
+        skeleton = files["sample_skeleton_test"]
+        max_rows = max(max_rows, _write_skeleton(skeleton, "test", common, fields, vocab, train, writers, None,
+                                                 skipped, block_size, workers, bars.bar(skeleton, f"write {skeleton.name}")))
+        del common
+        for w in writers.values():
+            w.close()
+        for s, w in writers.items():
+            if w.written == 0:
+                raise DataError(f"no {s} rows were written (check the raw files and --val-share)")
         rows = {s: w.written for s, w in writers.items()}
         if skipped[_NOISE]:
             bars.say(f"dropped {skipped[_NOISE]} rows with click=0, purchase=1")
@@ -533,11 +633,7 @@ def prepare_ali_ccp(
             bars.say(f"{skipped[_NO_COMMON]} rows have a common_feature_index missing from the common-features file: "
                      "their user fields are 0")
 
-        # side files
-        final_schema = replace(schema, vocab_sizes=vocab_sizes)
-        (work / SCHEMA_FILE).write_text(schema_to_json(final_schema, with_vocab=True), encoding="utf-8")
-        _write_vocab(work / "vocab.parquet", sparse, vocab, counts)
-        dense_range = {d: (float(lo[j]), float(hi[j])) for j, d in enumerate(schema.dense)}
+        dense_range = _write_side_files(work, files, schema, vocab, train, rows, skipped, min_count, val_share)
         report = PrepareReport(
             out=out,
             rows=rows,
@@ -549,46 +645,30 @@ def prepare_ali_ccp(
             val_share=val_share,
             row_group_size=row_group_size,
             max_rows_buffered=max(w.max_held for w in writers.values()),
-            cache_size=cache_size,
-            max_cached=index.max_cached,
+            block_size=block_size,
+            max_chunk_rows=max_rows,
+            common_lines=common_lines,
         )
-        manifest = {
-            "dataset": "ali_ccp",
-            "raw": {k: {"path": str(p), "bytes": p.stat().st_size} for k, p in files.items()},
-            "min_count": min_count,
-            "val_share": val_share,
-            "split": "train skeleton -> val when blake2b-64(sample_id) < val_share * 2^64; test skeleton -> test",
-            "rows": rows,
-            "skipped": dict(skipped),
-            "vocab_sizes": vocab_sizes,
-            "raw_ids": raw_ids,
-            "dense_range": {k: list(v) for k, v in dense_range.items()},
-        }
-        (work / "prepare.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
         # publish: data files first, schema.json last (a reader that sees the schema sees the data)
-        index.close()
-        written = {}
-        for name in ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "prepare.json", SCHEMA_FILE):
-            os.replace(work / name, out / name)
-            written[name] = str(out / name)
+        written = _publish(work, out, ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "prepare.json",
+                                       SCHEMA_FILE))
         return replace(report, files=written)
     finally:
         bars.close()
-        with contextlib.suppress(sqlite3.Error):
-            index.close()
+        for w in writers.values():
+            w.abandon()
         shutil.rmtree(work, ignore_errors=True)
 
 
 def prepare(name: str, raw: str | Path, out: str | Path | None = None, *, min_count: int = DEFAULT_MIN_COUNT,
             val_share: float = DEFAULT_VAL_SHARE, row_group_size: int = DEFAULT_ROW_GROUP,
-            cache_size: int = DEFAULT_CACHE, progress: bool = False,
+            block_size: int = DEFAULT_BLOCK, workers: int = DEFAULT_WORKERS, progress: bool = False,
             log: Callable[[str], None] | None = None) -> PrepareReport:
     """`mtldsl data prepare NAME`: dispatch on the dataset name (only ali_ccp has a raw format to convert)."""
     key = name.strip().lower().replace("-", "_")
     if key == "ali_ccp":
         return prepare_ali_ccp(raw, out if out is not None else default_out(key), min_count=min_count,
-                               val_share=val_share, row_group_size=row_group_size, cache_size=cache_size,
+                               val_share=val_share, row_group_size=row_group_size, block_size=block_size, workers=workers,
                                progress=progress, log=log)
     known = ", ".join(PREPARABLE)
     if key in KNOWN_DATASETS:

@@ -1,0 +1,288 @@
+"""The Ali-CCP join and vocabulary, vectorised: common features held per field, counts merged per chunk.
+
+`CommonTable.read(path, fields, dense, block_size)` takes one common-features file and gives, per
+common line, the dictionary code of each wanted field's last entry and the value of each dense field:
+the join side, held in memory (Note [Join memory]). `CommonTable.lookup` maps a chunk's
+common_feature_index column to common lines. `IdCounts` merges per-chunk value counts of raw ids into
+one table per field; `build_vocab` turns counts into the vocabulary (Note [Ali-CCP raw format] in
+runtime/prepare.py), and `Vocab.lookup` maps raw ids to model ids. `parse_rows` takes a skeleton chunk
+and gives its `Rows`: labels, noise, feature entries, the join and the dense values, or raises
+DataError for its first bad line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..catalog import DataError
+from .prepare_read import Chunk, Entries, parse_entries, read_chunks, to_float
+
+__all__ = ["SKELETON_COLUMNS", "CommonTable", "Fields", "IdCounts", "Rows", "Vocab", "build_vocab", "malformed_message",
+           "parse_rows", "positions"]
+
+SKELETON_COLUMNS = ("sample_id", "click", "purchase", "common_feature_index", "num_features", "feature_list")
+
+# Note [Join memory]
+# The common-features file of a split is held in memory, one split at a time, and only for the wanted
+# fields: per line an int32 dictionary code for each field that occurs in the file (the distinct raw ids
+# once, in a dictionary per field), a float64 for each dense field that occurs, and the line's key.
+# The real files have ~730k lines with 9 profile and 4 behaviour fields: 13 * 4 B + 4 * 8 B + ~20 B of
+# key per line, about 75 MB, plus ~10 MB of distinct ids. The skeleton is never held beyond one chunk.
+# A chunk is joined without building a hash table of the common keys (which would cost one insert per
+# common line per chunk): the chunk's keys are dictionary-encoded, and the common keys are probed into
+# that small dictionary, which costs one probe per common line per chunk.
+
+
+def malformed_message(where: str, parts: int) -> str:
+    return (f"{where}: malformed feature list: expected field, feature id, value triples "
+            f"separated by \\x01/\\x02/\\x03, got {parts} parts")
+
+
+def positions(values: pa.Array, keys: pa.Array) -> np.ndarray:
+    """For each of `values`, the index of the equal entry of `keys` (distinct strings), -1 when none.
+
+    Hashes the distinct `values` and probes every key (Note [Join memory]): no hash table of `keys` is built.
+    """
+    encoded = pc.dictionary_encode(values)
+    where = pc.index_in(keys, value_set=encoded.dictionary)  # per key: its position among the distinct values
+    valid = where.is_valid()
+    at = np.full(len(encoded.dictionary), -1, dtype=np.int64)
+    at[where.filter(valid).to_numpy(zero_copy_only=False).astype(np.int64)] = \
+        np.flatnonzero(valid.to_numpy(zero_copy_only=False))
+    return at[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+@dataclass
+class CommonTable:
+    """One common-features file: key -> line, and per line the wanted fields (Note [Join memory])."""
+
+    path: Path
+    n_lines: int
+    keys: pa.Array  # distinct common_feature_index values
+    key_line: np.ndarray  # the line each key names (the last line of a repeated key, as INSERT OR REPLACE did)
+    codes: dict[int, np.ndarray]  # wanted field position -> per-line dictionary code, -1 when absent
+    dictionary: dict[int, pa.Array]  # wanted field position -> the distinct raw ids
+    dense: dict[int, np.ndarray]  # dense position -> per-line value (NaN when absent or not a finite number)
+    bad: dict[tuple[int, int], str] = field(default_factory=dict)  # (dense position, line) -> raw text, not finite
+
+    @classmethod
+    def read(cls, path: Path, fields: pa.Array, dense_fields: Sequence[int], block_size: int,
+             progress: Callable[[int, int], None] | None = None) -> CommonTable:
+        """Parse `path` (common_feature_index,num_features,feature_list) keeping `fields` and dense values."""
+        keys: list[pa.Array] = []
+        coded: dict[int, list[pa.Array]] = {j: [] for j in range(len(fields))}
+        dense: dict[int, list[np.ndarray]] = {d: [] for d in range(len(dense_fields))}
+        bad: dict[tuple[int, int], str] = {}
+        n_lines = 0
+        for chunk in read_chunks(path, ("common_feature_index", "num_features", "feature_list"), block_size,
+                                 progress):
+            entries = parse_entries(chunk.columns[2], fields)
+            malformed = np.flatnonzero(entries.parts % 3 != 0)
+            if len(malformed):
+                i = int(malformed[0])
+                raise DataError(malformed_message(chunk.where(i), int(entries.parts[i])))
+            keys.append(chunk.columns[0])
+            for j in range(len(fields)):
+                e = entries.last[:, j]
+                has = e >= 0
+                ids = entries.ids(e[has]) if has.any() else pa.array([], pa.string())
+                full = pc.replace_with_mask(pa.nulls(len(e), pa.string()), pa.array(has), ids) if has.any() \
+                    else pa.nulls(len(e), pa.string())
+                coded[j].append(pc.dictionary_encode(full))
+            for d, j in enumerate(dense_fields):
+                e = entries.last[:, j]
+                has = e >= 0
+                values = np.full(len(e), np.nan)
+                if has.any():
+                    text = entries.values(e[has])
+                    parsed = to_float(text)
+                    values[has] = parsed
+                    for i in np.flatnonzero(~np.isfinite(parsed)):
+                        bad[(d, n_lines + int(np.flatnonzero(has)[i]))] = text[int(i)].as_py()
+                dense[d].append(values)
+            n_lines += len(chunk)
+        all_keys = pa.chunked_array(keys, pa.string()).combine_chunks()
+        codes: dict[int, np.ndarray] = {}
+        dictionary: dict[int, pa.Array] = {}
+        for j, parts in coded.items():
+            unified = pa.chunked_array(parts, pa.dictionary(pa.int32(), pa.string())).unify_dictionaries()
+            if not unified.num_chunks or not len(unified.chunks[0].dictionary):
+                continue  # the field never occurs in this file
+            dictionary[j] = unified.chunks[0].dictionary
+            indices = pa.chunked_array([c.indices for c in unified.chunks], pa.int32()).combine_chunks()
+            codes[j] = pc.fill_null(indices, -1).to_numpy(zero_copy_only=False).astype(np.int32)
+        encoded = pc.dictionary_encode(all_keys)
+        if len(encoded.dictionary) == len(all_keys):
+            key_line = np.arange(len(all_keys), dtype=np.int64)
+            distinct = all_keys
+        else:  # a repeated key: its last line wins
+            key_line = np.full(len(encoded.dictionary), -1, dtype=np.int64)
+            np.maximum.at(key_line, encoded.indices.to_numpy(zero_copy_only=False), np.arange(len(all_keys)))
+            distinct = encoded.dictionary
+        dense_values = {d: np.concatenate(v) if v else np.zeros(0) for d, v in dense.items()}
+        dense_values = {d: v for d, v in dense_values.items() if (dense_fields[d] in codes)}
+        return cls(path, n_lines, distinct, key_line, codes, dictionary, dense_values, bad)
+
+    def join(self, index: pa.Array) -> np.ndarray:
+        """The common line of each value of `index` (a chunk column), -1 when the file has none."""
+        at = positions(index, self.keys)
+        return np.where(at >= 0, self.key_line[at], -1)
+
+    def has(self, j: int, lines: np.ndarray) -> np.ndarray:
+        """Whether each joined row's common line has wanted field j (False for rows without a line)."""
+        codes = self.codes.get(j)
+        if codes is None:
+            return np.zeros(len(lines), dtype=bool)
+        return (lines >= 0) & (codes[np.maximum(lines, 0)] >= 0)
+
+    def nbytes(self) -> int:
+        return (self.keys.nbytes + self.key_line.nbytes + sum(c.nbytes for c in self.codes.values())
+                + sum(d.nbytes for d in self.dictionary.values()) + sum(v.nbytes for v in self.dense.values()))
+
+
+class IdCounts:
+    """Raw id -> count for one field, merged from per-chunk value counts (memory: about 3x the distinct ids)."""
+
+    def __init__(self) -> None:
+        self.merged: pa.Table | None = None
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+
+    def add(self, ids: pa.Array, counts: pa.Array) -> None:
+        """Add `counts` for the distinct raw `ids`."""
+        self.pending.append(pa.table({"raw_id": ids.cast(pa.string()), "count": counts.cast(pa.int64())}))
+        self.pending_rows += len(ids)
+        if self.pending_rows > max(1 << 18, 2 * (0 if self.merged is None else self.merged.num_rows)):
+            self.merge()
+
+    def merge(self) -> pa.Table:
+        tables = ([] if self.merged is None else [self.merged]) + self.pending
+        if not tables:
+            return pa.table({"raw_id": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+        both = pa.concat_tables(tables)
+        summed = both.group_by("raw_id").aggregate([("count", "sum")])
+        self.merged = pa.table({"raw_id": summed.column("raw_id"), "count": summed.column("count_sum")})
+        self.pending, self.pending_rows = [], 0
+        return self.merged
+
+
+@dataclass
+class Vocab:
+    """One sparse field's kept raw ids in model-id order (ids 1..K), with their train counts."""
+
+    raw_ids: pa.Array
+    counts: pa.Array
+    n_raw: int  # distinct raw ids seen in the train rows
+
+    def lookup(self, ids: pa.Array) -> np.ndarray:
+        """Model id of each raw id: 1..K, 0 when rare or unseen."""
+        if not len(self.raw_ids) or not len(ids):
+            return np.zeros(len(ids), dtype=np.int32)
+        return (positions(ids, self.raw_ids) + 1).astype(np.int32)
+
+
+def build_vocab(counts: pa.Table, min_count: int) -> Vocab:
+    """Ids seen at least `min_count` times, by descending count, ties by raw id (Note [Ali-CCP raw format])."""
+    counts = counts.filter(pc.greater(counts.column("count"), 0))
+    kept = counts.filter(pc.greater_equal(counts.column("count"), min_count))
+    order = pc.sort_indices(kept, sort_keys=[("count", "descending"), ("raw_id", "ascending")])
+    kept = kept.take(order)
+    return Vocab(kept.column("raw_id").combine_chunks(), kept.column("count").combine_chunks(), counts.num_rows)
+
+
+# --- skeleton rows ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Fields:
+    """The wanted fields as positions: every sparse field and dense source, in one order."""
+
+    names: tuple[str, ...]  # sparse fields, then dense sources that are not sparse
+    sparse: tuple[int, ...]  # position of each schema.sparse field
+    dense: tuple[int, ...]  # position of each dense source (D109_14 -> 109_14)
+    dense_sources: tuple[str, ...]
+
+    @classmethod
+    def of(cls, sparse: Sequence[str], dense_columns: Sequence[str]) -> Fields:
+        sources = tuple(d[1:] for d in dense_columns)  # D109_14 -> 109_14
+        names = tuple(sparse) + tuple(s for s in dict.fromkeys(sources) if s not in sparse)
+        return cls(names, tuple(range(len(sparse))), tuple(names.index(s) for s in sources), sources)
+
+    def array(self) -> pa.Array:
+        return pa.array(list(self.names), pa.string())
+
+
+@dataclass
+class Rows:
+    """One skeleton chunk, parsed and joined; `keep` marks its samples (labels 0/1, not noise, not a header)."""
+
+    chunk: Chunk
+    keep: np.ndarray
+    noise: np.ndarray
+    click: np.ndarray  # int8
+    purchase: np.ndarray  # int8
+    entries: Entries
+    lines: np.ndarray  # the common line of each row, -1 when the common-features file has none
+    dense: np.ndarray  # (D, rows) raw dense values after the join, 0 when the field is missing
+
+
+def _flags(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(== "0", == "1") of a label column."""
+    return (pc.equal(column, "0").to_numpy(zero_copy_only=False), pc.equal(column, "1").to_numpy(zero_copy_only=False))
+
+
+def parse_rows(chunk: Chunk, common: CommonTable, fields: Fields) -> Rows:
+    """Labels, noise, feature entries, the join and the dense values of a skeleton chunk; raises for its first bad line.
+
+    The checks of a line come in today's order (column count, labels, noise skipped, feature list, dense
+    values), and the first bad line of the chunk is the one reported.
+    """
+    n = len(chunk)
+    sample_id, click, purchase, index, _, feature_list = chunk.columns
+    c0, c1 = _flags(click)
+    p0, p1 = _flags(purchase)
+    header = np.zeros(n, dtype=bool)
+    if chunk.first == 0 and n and click[0].as_py() == "click" and chunk.line(0) == 1:
+        header[0] = True  # a header line someone added
+    bad_click = ~(c0 | c1) & ~header
+    bad_purchase = ~(p0 | p1) & ~header & ~bad_click
+    noise = c0 & p1
+    entries = parse_entries(feature_list, fields.array())
+    live = ~header & ~bad_click & ~bad_purchase & ~noise
+    malformed = live & (entries.parts % 3 != 0)
+    keep = live & ~malformed
+    lines = common.join(index)
+    dense = np.zeros((len(fields.dense), n), dtype=np.float64)
+    for d, j in enumerate(fields.dense):
+        from_common = common.has(j, lines) & keep  # a field in both files takes the common entry
+        if from_common.any():
+            dense[d, from_common] = common.dense[d][lines[from_common]]
+        e = entries.last[:, j]
+        own = (e >= 0) & keep & ~from_common
+        if own.any():
+            dense[d, own] = to_float(entries.values(e[own]))
+    bad_dense = ~np.isfinite(dense)
+    bad = bad_click | bad_purchase | malformed | bad_dense.any(axis=0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        where = chunk.where(i)
+        if bad_click[i] or bad_purchase[i]:
+            name, value = ("click", click) if bad_click[i] else ("purchase", purchase)
+            raise DataError(f"{where}: column '{name}': expected 0 or 1, got {value[i].as_py()[:40]!r}")
+        if malformed[i]:
+            raise DataError(malformed_message(where, int(entries.parts[i])))
+        d = int(np.flatnonzero(bad_dense[:, i])[0])
+        j = fields.dense[d]
+        if common.has(j, lines[i:i + 1])[0]:
+            text = common.bad[(d, int(lines[i]))]
+        else:
+            text = entries.values(entries.last[i:i + 1, j]).to_pylist()[0]
+        raise DataError(f"{where}: field {fields.dense_sources[d]}: expected a finite number as the feature value, "
+                        f"got {text[:40]!r}")
+    return Rows(chunk, keep, noise & ~header, c1.astype(np.int8), p1.astype(np.int8), entries, lines, dense)
