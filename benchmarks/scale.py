@@ -96,6 +96,8 @@ def _behaviour(rng: np.random.Generator, n_users: int, field: str, vocab: int, o
     ids = _zipf_ids(rng, int(lengths.sum()), vocab, offset)
     weights = np.round(np.log1p(rng.geometric(0.3, len(ids))), 3)
     entries = _features(field, ids, weights)
+    if isinstance(entries, pa.ChunkedArray):  # a kernel's output over a large input may come in chunks
+        entries = entries.combine_chunks()
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     lists = pa.ListArray.from_arrays(pa.array(offsets), entries)
     return pc.binary_join(lists, "\x01")
