@@ -369,6 +369,7 @@ def _current(manifest: dict[str, object] | None, key: dict[str, object]) -> bool
 def open_store(path: Path, schema: Schema, rows: int | None, root: Path | None = None) -> Stored:
     """The store of `path` (converted first when absent or stale: Note [Column store])."""
     root = cache_root(path.parent) if root is None else root
+    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{path.name}.{'all' if rows is None else rows}"
     key = _key(path, schema, rows)
     manifest = _read_manifest(final)
