@@ -266,3 +266,22 @@ def test_reading_a_stored_split_keeps_its_rows_off_the_heap(tmp_path: Path, monk
     assert seen == len(ds.train)
     resident = len(ds.train) * (n_sparse * 8 + n_dense * 4 + 4 + 8)  # the old int64/float32 tensors: ~130 MB
     assert peak < resident / 4, (peak, resident)
+
+
+def test_large_synthetic_data_is_generated_in_chunks_into_a_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtldsl.runtime import synthetic
+
+    monkeypatch.setattr(synthetic, "MEMORY_ROWS", 1000)
+    monkeypatch.setattr(synthetic, "GENERATE_ROWS", 700)  # chunks straddle the split boundaries
+    ds = load_dataset("synthetic", rows=3000, seed=1)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (2400, 300, 300)
+    assert all(isinstance(c, ColumnFile) for c in ds.train.sparse_cols.values())
+    assert ds.train.sparse_cols["205"].dtype == np.uint8 and ds.train.sparse_cols["101"].dtype == np.int16
+    again = load_dataset("synthetic", rows=3000, seed=1)  # from the store, the same rows
+    assert torch.equal(again.test.sparse, ds.test.sparse) and torch.equal(again.val.dense, ds.val.dense)
+    assert not torch.equal(load_dataset("synthetic", rows=3000, seed=2).test.sparse, ds.test.sparse)
+    vocab = torch.tensor([ds.schema.vocab_sizes[f] for f in ds.schema.sparse])  # type: ignore[index]
+    for split in (ds.train, ds.val, ds.test):
+        assert bool((split.sparse < vocab).all()) and torch.equal(split.groups, split.sparse[:, 0])
+    click = ds.train.labels["click"]
+    assert 0.02 < float(click.mean()) < 0.12 and bool((ds.train.labels["purchase"] <= click).all())

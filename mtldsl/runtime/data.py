@@ -39,8 +39,9 @@ from mtldsl.catalog import (
     schema_to_json,
 )
 
-from .synthetic import SYNTHETIC_ROWS, generate, split_sizes, synthetic_truth
+from . import synthetic
 from .store import ColumnFile, Stored, cache_root, fail, fmt, narrow_id_dtype, open_store
+from .synthetic import SYNTHETIC_ROWS, generate, split_sizes, synthetic_truth
 
 __all__ = [
     "BLOCK_ROWS",
@@ -582,6 +583,11 @@ def _load_synthetic(rows: int, seed: int) -> Dataset:
     if rows < 10:
         raise ValueError(f"the synthetic dataset needs at least 10 rows, got {rows}")
     schema = KNOWN_DATASETS["synthetic"].schema
+    notes = (f"synthetic: {rows} rows (80/10/10), seed {seed}",)
+    if rows > synthetic.MEMORY_ROWS:  # generated chunk by chunk into a column store, read like a folder's
+        splits = {name: _stored_split(st) for name, st in synthetic.stored(rows, seed).items()}
+        return Dataset(schema=schema, train=splits["train"], val=splits["val"], test=splits["test"],
+                       source="synthetic", notes=notes)
     cols, truth = generate(rows, seed)
     sparse = {c: _narrow(np.asarray(cols.pop(c))) for c in schema.sparse}
     dense = {c: np.asarray(cols.pop(c), dtype=np.float32) for c in schema.dense}
@@ -606,5 +612,5 @@ def _load_synthetic(rows: int, seed: int) -> Dataset:
         val=splits["val"],
         test=splits["test"],
         source="synthetic",
-        notes=(f"synthetic: {rows} rows (80/10/10), seed {seed}",),
+        notes=notes,
     )

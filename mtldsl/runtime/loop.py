@@ -6,11 +6,12 @@ atomic checkpoints and exact resume (Note [Resume]), optionally data-parallel un
 [Distributed training]).
 
 Hot path: batches are gathered from a window of the split's columns (data.py, Note [Block shuffle]),
-holding only the model's columns and the label products the losses need; per-step losses stay on the device and are read back
-once every LOG_EVERY steps (NaN check, progress bar), and before any checkpoint is written, so a
-diverged step never reaches a checkpoint. Gradients are zeroed in place, not freed: a large fused
-embedding table keeps one persistent dense gradient buffer instead of allocating (and page-faulting) a
-fresh one every step (DESIGN.md, Generated code); the optimizer is fused where the device supports it.
+holding only the model's columns and the label products the losses need; per-step losses stay on the
+device and are read back once every LOG_EVERY steps (NaN check, progress bar), and before any
+checkpoint is written, so a diverged step never reaches a checkpoint. Gradients are zeroed in place,
+not freed: a large fused embedding table keeps one persistent dense gradient buffer instead of
+allocating (and page-faulting) a fresh one every step (DESIGN.md, Generated code); the optimizer is
+fused where the device supports it.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ def _mean(a: Tensor, b: Tensor, term: object) -> float:
     """mean of term(a_chunk, b_chunk) (float64 chunks of CHUNK rows), summed in float64."""
     total = 0.0
     for i in range(0, a.numel(), CHUNK):
-        total += float(term(a[i:i + CHUNK].to(torch.float64), b[i:i + CHUNK].to(torch.float64)).sum().item())  # type: ignore[operator]
+        u, v = a[i:i + CHUNK].to(torch.float64), b[i:i + CHUNK].to(torch.float64)
+        total += float(term(u, v).sum().item())  # type: ignore[operator]
     return total / a.numel()
 
 

@@ -18,10 +18,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,8 @@ from pandas.api import types as ptypes
 
 from mtldsl.catalog import DataError, Schema
 
-__all__ = ["CACHE_DIR", "CHUNK_ROWS", "ColumnFile", "Stored", "cache_root", "open_store", "narrow_id_dtype"]
+__all__ = ["CACHE_DIR", "CACHE_ENV", "CHUNK_ROWS", "FORMAT", "ColumnFile", "Role", "Stored", "cache_root",
+           "narrow_id_dtype", "npy_writer", "open_columns", "open_store", "publish", "user_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +43,21 @@ log = logging.getLogger(__name__)
 # reads and checks every chunk and finds the row count, the largest ids and whether each label is 0/1;
 # pass 2 reads it again and writes); dense columns are float32; labels uint8 when they hold only 0 and
 # 1, else float32; a group id that is not a sparse field gets its own narrow integer column. Memory is
-# bounded by CHUNK_ROWS, not by the file.
+# bounded by CHUNK_ROWS, not by the file. (Synthetic data beyond synthetic.MEMORY_ROWS rows is generated
+# into the same layout, one folder per split.)
 # The manifest records the store format, the source file's size and mtime (ns), the row cap and the
 # schema's columns: any difference rebuilds the store. A store is built in a temporary folder beside
-# its final place and published with os.replace, so an interrupted build leaves nothing that a later
-# run could mistake for a store (a leftover `.tmp-*` folder is ignored, and removed by a later build
-# once a day old).
-# Two processes building at once (torchrun ranks) both build; the second to finish keeps the first's.
+# its final place and published with os.replace (`publish`), so an interrupted build leaves nothing a
+# later run could mistake for a store (a leftover `.tmp-*` folder is ignored, and removed by a later
+# build once a day old). Two processes building at once (torchrun ranks) both build; the second to
+# finish keeps the first's.
 # <cache> is `$MTLDSL_CACHE_DIR` when set; else `<folder>/.mtldsl-cache/` when the data folder is
-# writable, else `$XDG_CACHE_HOME/mtldsl` (default ~/.cache/mtldsl); outside the data folder, in a
-# subfolder named by the folder's name and a hash of its absolute path. Reading a store never maps it whole: batches read the rows
-# they need (ColumnFile.read), so resident memory does not grow with the file.
+# writable; else `$XDG_CACHE_HOME/mtldsl` (default ~/.cache/mtldsl), in a subfolder named by the data
+# folder's name and a hash of its absolute path.
+# Reading never maps a column: a ColumnFile reads row ranges with positioned reads, a window of blocks
+# at a time (data.py, Note [Block shuffle]). Pages of a memory map stay in the process's resident set
+# until unmapped, so mapping a 40M-row column would make peak RSS grow with the file again; reads
+# leave them in the page cache only, which the kernel shares and reclaims.
 
 CACHE_DIR = ".mtldsl-cache"
 CACHE_ENV = "MTLDSL_CACHE_DIR"  # when set, every store lives under it (tests; data on a shared read-only mount)
@@ -138,6 +144,14 @@ def narrow_id_dtype(lo: int, hi: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
+def user_cache() -> Path:
+    """$MTLDSL_CACHE_DIR, else $XDG_CACHE_HOME/mtldsl (default ~/.cache/mtldsl)."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "mtldsl"
+
+
 def cache_root(folder: Path) -> Path:
     """Where the stores of a data folder live (Note [Column store])."""
     explicit = os.environ.get(CACHE_ENV)
@@ -147,10 +161,8 @@ def cache_root(folder: Path) -> Path:
             return folder / CACHE_DIR
         except OSError:
             pass
-    base = explicit or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mtldsl")
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    root = Path(base) / f"{folder.name}-{key}"
+    root = user_cache() / f"{folder.name}-{key}"
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -333,17 +345,20 @@ def _scan(path: Path, schema: Schema, rows: int | None) -> tuple[int, dict[tuple
     return n, dtypes, {col: hi.get((Role.sparse, col), 0) for col in schema.sparse}
 
 
+def npy_writer(stack: contextlib.ExitStack, path: Path, dtype: np.dtype, n: int) -> BinaryIO:
+    """A file holding the header of an (n,) array of `dtype`; its values are appended in order."""
+    f = stack.enter_context(open(path, "wb"))
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
+    return f
+
+
 def _build(path: Path, schema: Schema, rows: int | None, work: Path) -> None:
     """Convert `path` into the folder `work` (both passes, then the manifest)."""
     n, dtypes, max_ids = _scan(path, schema, rows)
     names = {key: _file_name(key[0], j) for j, key in enumerate(dtypes)}
     with contextlib.ExitStack() as stack:
-        files = {}
-        for key, dtype in dtypes.items():
-            f = stack.enter_context(open(work / names[key], "wb"))
-            np.lib.format.write_array_header_1_0(
-                f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
-            files[key] = f
+        files = {key: npy_writer(stack, work / names[key], dtype, n) for key, dtype in dtypes.items()}
         written = 0
         for df in _chunks(path, schema, rows):
             for key, a in _chunk_arrays(df, path, schema, written).items():
@@ -366,38 +381,57 @@ def _current(manifest: dict[str, object] | None, key: dict[str, object]) -> bool
     return manifest is not None and all(manifest.get(k) == v for k, v in key.items())
 
 
+def publish(final: Path, key: dict[str, object], build: Callable[[Path], None]) -> dict[str, object]:
+    """The manifest of the store at `final`, built first (`build(work folder)`, which writes the manifest
+    with `key` in it) when absent or stale, and published atomically (Note [Column store])."""
+    manifest = _read_manifest(final)
+    if _current(manifest, key):
+        return manifest  # type: ignore[return-value]
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".tmp-{final.name}.*"):  # a killed build's; not one another process is writing
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=root))
+    try:
+        build(work)
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(work, final)
+        except OSError:
+            if not _current(_read_manifest(final), key):  # not another process's fresh store
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    manifest = _read_manifest(final)
+    assert manifest is not None
+    return manifest
+
+
+def open_columns(folder: Path, files: list[list[str]]) -> dict[Role, dict[str, ColumnFile]]:
+    """The manifest's [role, column, file name] entries, opened, by role."""
+    cols: dict[Role, dict[str, ColumnFile]] = {r: {} for r in Role}
+    for role, col, name in files:
+        cols[Role(role)][col] = ColumnFile.open(folder / name)
+    return cols
+
+
 def open_store(path: Path, schema: Schema, rows: int | None, root: Path | None = None) -> Stored:
     """The store of `path` (converted first when absent or stale: Note [Column store])."""
     root = cache_root(path.parent) if root is None else root
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{path.name}.{'all' if rows is None else rows}"
-    key = _key(path, schema, rows)
-    manifest = _read_manifest(final)
-    if not _current(manifest, key):
-        for stale in root.glob(f".tmp-{path.name}.*"):  # a killed build's; not one another process is writing
-            with contextlib.suppress(OSError):
-                if time.time() - stale.stat().st_mtime > STALE_SECONDS:
-                    shutil.rmtree(stale, ignore_errors=True)
-        work = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=root))
-        try:
-            log.info("converting %s into the column store %s", path, final)
-            _build(path, schema, rows, work)
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            try:
-                os.replace(work, final)
-            except OSError:
-                if not _current(_read_manifest(final), key):  # not another process's fresh store
-                    raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        manifest = _read_manifest(final)
-    assert manifest is not None
-    cols: dict[Role, dict[str, ColumnFile]] = {r: {} for r in Role}
-    for role, col, name in manifest["files"]:  # type: ignore[union-attr]
-        cols[Role(role)][col] = ColumnFile.open(final / name)
+
+    def build(work: Path) -> None:
+        log.info("converting %s into the column store %s", path, final)
+        _build(path, schema, rows, work)
+
+    manifest = publish(final, _key(path, schema, rows), build)
+    cols = open_columns(final, manifest["files"])  # type: ignore[arg-type]
     groups = None
     if schema.user_id is not None:
         groups = cols[Role.sparse].get(schema.user_id) or cols[Role.group][schema.user_id]
-    return Stored(source=path, n=int(manifest["n"]), labels=cols[Role.label], sparse=cols[Role.sparse],  # type: ignore[arg-type]
-                  dense=cols[Role.dense], groups=groups, max_ids=dict(manifest["max_ids"]))  # type: ignore[arg-type]
+    return Stored(source=path, n=int(manifest["n"]),  # type: ignore[arg-type]
+                  labels=cols[Role.label], sparse=cols[Role.sparse], dense=cols[Role.dense], groups=groups,
+                  max_ids=dict(manifest["max_ids"]))  # type: ignore[arg-type]

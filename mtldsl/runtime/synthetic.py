@@ -1,19 +1,26 @@
 """The built-in synthetic dataset: a row count and a seed -> columns with planted structure, and their truth.
 
 Takes (rows, seed); gives `generate` (numpy columns named like Ali-CCP's fields and labels, plus the
-planted truth of every row: Note [Synthetic data]), `synthetic_truth` and `split_sizes` (80/10/10).
-data.py turns the columns into splits. numpy only.
+planted truth of every row: Note [Synthetic data]), `synthetic_truth`, `split_sizes` (80/10/10), and
+`stored` (more than MEMORY_ROWS rows, generated chunk by chunk into a column store). data.py turns the
+columns into splits. numpy only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mtldsl.catalog import SYNTHETIC_VOCAB
+from mtldsl.catalog import KNOWN_DATASETS, SYNTHETIC_VOCAB
 
-__all__ = ["SYNTHETIC_ROWS", "generate", "split_sizes", "synthetic_truth"]
+from .store import FORMAT, Role, Stored, narrow_id_dtype, npy_writer, open_columns, publish, user_cache
+
+__all__ = ["MEMORY_ROWS", "SYNTHETIC_ROWS", "generate", "split_sizes", "stored", "synthetic_truth"]
 
 SYNTHETIC_ROWS = 100_000  # default total rows of the synthetic dataset (80/10/10 train/val/test)
 
@@ -73,10 +80,9 @@ def _solve_bias(logits: np.ndarray, weights: np.ndarray, target: float, scale: n
     return b
 
 
-def generate(rows: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Columns (schema order, plus labels) and the truth of `rows` synthetic rows; see Note [Synthetic data]."""
+def _world(rng: np.random.Generator) -> dict[str, Any]:
+    """The users, items and biases every row is drawn from (the first draws of the seed's generator)."""
     v = SYNTHETIC_VOCAB
-    rng = np.random.default_rng(seed)
     n_users, n_items, n_cats = v["101"], v["205"], v["206"]
     # world: users and items
     seg_f = rng.normal(size=(_SEGMENTS, _RANK))
@@ -148,8 +154,17 @@ def generate(rows: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.
         "216": brand,
     }
     popularity = np.argsort(np.argsort(item_w)) / (n_items - 1)
+    found = locals()
+    return {k: found[k] for k in _WORLD}
 
-    # rows
+
+def _rows(w: dict[str, Any], rng: np.random.Generator,
+          rows: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`rows` rows of the world `w`, drawn from `rng`: columns (schema order, plus labels) and their truth."""
+    v = SYNTHETIC_VOCAB
+    (n_users, user_w, n_items, item_w, b_click, base, b_buy, buy_logit, user_cols, item_cols, seg_obs, n_cats,
+     cat, age, brand, city, user_dense, seg_f, seg, cat_f, popularity, quality, aff, aff_buy,
+     conflict) = (w[k] for k in _WORLD)
     u = rng.choice(n_users, size=rows, p=user_w)
     i = rng.choice(n_items, size=rows, p=item_w)
     position = rng.integers(0, 3, rows)
@@ -192,6 +207,19 @@ def generate(rows: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.
     return cols, truth
 
 
+_WORLD = (  # what _rows reads of the world
+    "n_users", "user_w", "n_items", "item_w", "b_click", "base", "b_buy", "buy_logit", "user_cols", "item_cols",
+    "seg_obs", "n_cats", "cat", "age", "brand", "city", "user_dense", "seg_f", "seg", "cat_f", "popularity",
+    "quality", "aff", "aff_buy", "conflict"
+)
+
+
+def generate(rows: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Columns (schema order, plus labels) and the truth of `rows` synthetic rows; see Note [Synthetic data]."""
+    rng = np.random.default_rng(seed)
+    return _rows(_world(rng), rng, rows)
+
+
 def synthetic_truth(rows: int = SYNTHETIC_ROWS, seed: int = 0) -> dict[str, np.ndarray]:
     """The planted truth of each synthetic row, in generation order (train, then val, then test rows).
 
@@ -208,3 +236,55 @@ def split_sizes(rows: int) -> tuple[int, int, int]:
     return n_train, n_val, rows - n_train - n_val
 
 
+
+
+# --- large synthetic data, generated in chunks into a column store ---------------------------------
+
+MEMORY_ROWS = 2_000_000  # up to this many rows: generated in memory in one draw (the data every test sees)
+GENERATE_ROWS = 1 << 18  # rows per generated chunk above it
+GENERATOR = 1  # version of the chunked generator: another number rebuilds the stored data
+
+
+def stored(rows: int, seed: int) -> dict[str, Stored]:
+    """`rows` synthetic rows in a column store (Note [Column store]) under the user cache, split 80/10/10.
+
+    The world (users, items, biases) comes from the seed's generator as in `generate`; chunk k of
+    GENERATE_ROWS rows from the generator seeded [seed, k], so the rows differ from `generate`'s (but
+    have the same distribution) and memory is bounded by the chunk. No truth is kept.
+    """
+    schema = KNOWN_DATASETS["synthetic"].schema
+    final = user_cache() / "synthetic" / f"rows{rows}-seed{seed}"
+    key: dict[str, object] = {"format": FORMAT, "generator": GENERATOR, "rows": rows, "seed": seed}
+    n_train, n_val, n_test = split_sizes(rows)
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, rows)}
+    dtypes = {(Role.label, c): np.dtype(np.uint8) for c in schema.labels}
+    dtypes.update({(Role.sparse, c): narrow_id_dtype(0, SYNTHETIC_VOCAB[c] - 1) for c in schema.sparse})
+    dtypes.update({(Role.dense, c): np.dtype(np.float32) for c in schema.dense})
+    names = {k: f"{k[0].value}{j:03d}.npy" for j, k in enumerate(dtypes)}
+
+    def build(work: Path) -> None:
+        rng = np.random.default_rng(seed)
+        world = _world(rng)
+        with contextlib.ExitStack() as stack:
+            files = {}
+            for split, (a, b) in bounds.items():
+                (work / split).mkdir()
+                files[split] = {k: npy_writer(stack, work / split / names[k], t, b - a) for k, t in dtypes.items()}
+            for k, start in enumerate(range(0, rows, GENERATE_ROWS)):
+                m = min(GENERATE_ROWS, rows - start)
+                cols, _ = _rows(world, np.random.default_rng([seed, k]), m)
+                for split, (a, b) in bounds.items():
+                    lo, hi = max(a, start), min(b, start + m)
+                    for (role, c), t in dtypes.items() if lo < hi else ():
+                        part = np.ascontiguousarray(cols[c][lo - start:hi - start], dtype=t)
+                        files[split][role, c].write(part.tobytes())
+        files_list = [[r.value, c, names[r, c]] for r, c in dtypes]
+        (work / "manifest.json").write_text(json.dumps({**key, "files": files_list}), encoding="utf-8")
+
+    manifest = publish(final, key, build)
+    out = {}
+    for split, (a, b) in bounds.items():
+        cols = open_columns(final / split, manifest["files"])  # type: ignore[arg-type]
+        out[split] = Stored(source=final / split, n=b - a, labels=cols[Role.label], sparse=cols[Role.sparse],
+                            dense=cols[Role.dense], groups=cols[Role.sparse]["101"], max_ids={})
+    return out
