@@ -12,6 +12,7 @@ is never resident whole.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,7 +20,6 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ VAL_SHARE = 0.1  # share of train held out as val when a dataset has no val file
 _VAL_SEED = 0  # the held-out val rows do not depend on the training seed
 SCAN_ROWS = 1 << 20  # rows per read when a whole column is scanned (vocabulary and label checks)
 
-Column = Union[np.ndarray, ColumnFile, Tensor]  # a stored file, host memory, or (moved whole) an accelerator
+Column = np.ndarray | ColumnFile | Tensor  # a stored file, host memory, or (moved whole) an accelerator
 
 
 # --- order of an epoch (Note [Block shuffle]) -------------------------------------------------------
@@ -95,17 +95,17 @@ class _Window:
     """Some blocks of a split, read when a batch first needs them; `perm` orders their rows (None: as read)."""
 
     ranges: list[tuple[int, int]]
-    perm: np.ndarray | None
-    rows: dict[str, np.ndarray | Tensor] | None = None
+    perm: Tensor | None  # int64, positions in the window
+    rows: dict[str, Tensor] | None = None
 
     def __len__(self) -> int:
         return sum(b - a for a, b in self.ranges)
 
-    def positions(self, a: int, b: int) -> np.ndarray | slice:
+    def positions(self, a: int, b: int) -> Tensor | slice:
         return slice(a, b) if self.perm is None else self.perm[a:b]
 
 
-Piece = tuple[_Window, "np.ndarray | slice"]
+Piece = tuple[_Window, "Tensor | slice"]
 
 
 def _windows(n: int, generator: torch.Generator | None) -> Iterator[_Window]:
@@ -118,7 +118,7 @@ def _windows(n: int, generator: torch.Generator | None) -> Iterator[_Window]:
     for w in range(0, n_blocks, WINDOW_BLOCKS):
         ranges = [(int(b) * BLOCK_ROWS, min(n, (int(b) + 1) * BLOCK_ROWS)) for b in order[w:w + WINDOW_BLOCKS]]
         size = sum(b - a for a, b in ranges)
-        perm = None if generator is None else torch.randperm(size, generator=generator).numpy()
+        perm = None if generator is None else torch.randperm(size, generator=generator)
         yield _Window(ranges, perm)
 
 
@@ -169,11 +169,13 @@ def _read(col: Column, a: int, b: int) -> np.ndarray | Tensor:
     return col[a:b]
 
 
-def _take(a: np.ndarray | Tensor, pos: np.ndarray | slice) -> np.ndarray | Tensor:
+def _take(a: np.ndarray | Tensor, pos: np.ndarray | Tensor | slice) -> np.ndarray | Tensor:
     if isinstance(pos, slice):
         return a[pos]
     if isinstance(a, Tensor):
-        return a.index_select(0, torch.from_numpy(np.ascontiguousarray(pos, dtype=np.int64)).to(a.device))
+        if not isinstance(pos, Tensor):
+            pos = torch.from_numpy(np.ascontiguousarray(pos, dtype=np.int64))
+        return a.index_select(0, pos.to(a.device))
     return a[pos]
 
 
@@ -189,7 +191,20 @@ def _tensor(a: np.ndarray | Tensor) -> Tensor:
     return a if isinstance(a, Tensor) else torch.from_numpy(np.ascontiguousarray(a))
 
 
-@dataclass
+def _stack(cols: list[np.ndarray | Tensor], n: int) -> np.ndarray | Tensor:
+    """(n, len(cols)) row-major, in the columns' common dtype (narrow ids stay narrow)."""
+    if cols and isinstance(cols[0], Tensor):
+        dtype = functools.reduce(torch.promote_types, [c.dtype for c in cols])  # type: ignore[union-attr]
+        return torch.stack([c.to(dtype) for c in cols], dim=1)  # type: ignore[union-attr]
+    if not cols:
+        return np.empty((n, 0), dtype=np.float32)
+    out = np.empty((n, len(cols)), dtype=np.result_type(*cols))
+    for j, c in enumerate(cols):
+        out[:, j] = c
+    return out
+
+
+@dataclass(eq=False)
 class Split:
     """The rows of one split, as columns (schema names); batches are gathered a window at a time.
 
@@ -255,10 +270,17 @@ class Split:
         lo, hi = int(rows.min()), int(rows.max()) + 1
         return _take(_read(col, lo, hi), rows - lo)
 
-    def _load(self, window: _Window) -> dict[str, np.ndarray | Tensor]:
+    def _load(self, window: _Window) -> dict[str, Tensor]:
+        """The window's rows as one row-major matrix per kind ("s", "d", "l": columns in order, in their common
+        narrow dtype) and the group vector ("g"), so a batch is one row gather per kind."""
         if window.rows is None:
-            window.rows = {k: _cat([self._rows_of(c, a, b) for a, b in window.ranges])
-                           for k, c in self._columns().items()}
+            def rows(c: Column) -> np.ndarray | Tensor:
+                return _cat([self._rows_of(c, a, b) for a, b in window.ranges])
+
+            window.rows = {kind: _tensor(_stack([rows(c) for c in cols.values()], len(window)))
+                           for kind, cols in (("s", self.sparse_cols), ("d", self.dense_cols), ("l", self.label_cols))}
+            if self.group_col is not None:
+                window.rows["g"] = _tensor(rows(self.group_col))
         return window.rows
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, like: np.ndarray | Tensor) -> Tensor:
@@ -296,27 +318,19 @@ class Split:
         for window, pos in pieces:
             for k, v in self._load(window).items():
                 parts.setdefault(k, []).append(_take(v, pos))
-        cols = {k: _cat(v) for k, v in parts.items()}
-        b = chunk_len(pieces)
+        rows = {k: _cat(v) for k, v in parts.items()}
 
-        def matrix(prefix: str, names: Sequence[str], dtype: torch.dtype) -> Tensor:
-            first = cols[f"{prefix}:{names[0]}"] if names else np.empty(0)
-            out = self._empty((b, len(names)), dtype, first)
-            for j, name in enumerate(names):
-                out[:, j].copy_(_tensor(cols[f"{prefix}:{name}"]))
-            return self._deliver(out)
+        def convert(a: np.ndarray | Tensor, dtype: torch.dtype) -> Tensor:
+            out = self._empty(tuple(a.shape), dtype, a)  # pinned when streaming to CUDA
+            return out.copy_(_tensor(a))
 
-        def vector(a: np.ndarray | Tensor, dtype: torch.dtype) -> Tensor:
-            out = self._empty((b,), dtype, a)
-            out.copy_(_tensor(a))
-            return out
-
-        labels = self._products({k: vector(cols[f"l:{k}"], torch.float32) for k in self.label_cols})
+        raw = convert(rows["l"], torch.float32)
+        labels = self._products({k: raw[:, j] for j, k in enumerate(self.label_cols)})
         return {
-            "sparse": matrix("s", list(self.sparse_cols), torch.int64),
-            "dense": matrix("d", list(self.dense_cols), torch.float32),
-            "labels": {k: self._deliver(v) for k, v in labels.items()},
-            "groups": None if self.group_col is None else self._deliver(vector(cols["g"], torch.int64)),
+            "sparse": self._deliver(convert(rows["s"], torch.int64)),
+            "dense": self._deliver(convert(rows["d"], torch.float32)),
+            "labels": {k: self._deliver(v.contiguous()) for k, v in labels.items()},
+            "groups": None if self.group_col is None else self._deliver(convert(rows["g"], torch.int64)),
         }
 
     def batches(

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -48,9 +47,9 @@ log = logging.getLogger(__name__)
 # The manifest records the store format, the source file's size and mtime (ns), the row cap and the
 # schema's columns: any difference rebuilds the store. A store is built in a temporary folder beside
 # its final place and published with os.replace (`publish`), so an interrupted build leaves nothing a
-# later run could mistake for a store (a leftover `.tmp-*` folder is ignored, and removed by a later
-# build once a day old). Two processes building at once (torchrun ranks) both build; the second to
-# finish keeps the first's.
+# later run could mistake for a store (a leftover `.tmp-*` folder is ignored, and removed by the next
+# build). Builds take a lock file (`.lock-<store>`, flock): of several processes loading the same
+# data at once (torchrun ranks), one builds and the others wait for it and read its store.
 # <cache> is `$MTLDSL_CACHE_DIR` when set; else `<folder>/.mtldsl-cache/` when the data folder is
 # writable; else `$XDG_CACHE_HOME/mtldsl` (default ~/.cache/mtldsl), in a subfolder named by the data
 # folder's name and a hash of its absolute path.
@@ -64,7 +63,6 @@ CACHE_ENV = "MTLDSL_CACHE_DIR"  # when set, every store lives under it (tests; d
 CHUNK_ROWS = 1 << 18  # rows per conversion chunk (~30 MB of parsed columns for Ali-CCP's 33)
 FORMAT = 1  # the store layout; a different number rebuilds every store
 MANIFEST = "manifest.json"
-STALE_SECONDS = 24 * 3600  # a `.tmp-*` build folder this old belongs to a killed build
 
 
 class Role(Enum):
@@ -389,25 +387,36 @@ def publish(final: Path, key: dict[str, object], build: Callable[[Path], None]) 
         return manifest  # type: ignore[return-value]
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".tmp-{final.name}.*"):  # a killed build's; not one another process is writing
-        with contextlib.suppress(OSError):
-            if time.time() - stale.stat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=root))
-    try:
-        build(work)
-        if final.exists():
-            shutil.rmtree(final, ignore_errors=True)
+    with _locked(root / f".lock-{final.name}"):
+        manifest = _read_manifest(final)  # another process (a torchrun rank) may have built it meanwhile
+        if _current(manifest, key):
+            return manifest  # type: ignore[return-value]
+        for stale in root.glob(f".tmp-{final.name}.*"):  # a killed build's (under the lock, nobody else's)
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=root))
         try:
+            build(work)
+            if final.exists():
+                shutil.rmtree(final)
             os.replace(work, final)
-        except OSError:
-            if not _current(_read_manifest(final), key):  # not another process's fresh store
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     manifest = _read_manifest(final)
     assert manifest is not None
     return manifest
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (flock) for one build at a time; no lock where the file system has none."""
+    with open(path, "a+b") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield
 
 
 def open_columns(folder: Path, files: list[list[str]]) -> dict[Role, dict[str, ColumnFile]]:
