@@ -285,3 +285,43 @@ def test_large_synthetic_data_is_generated_in_chunks_into_a_store(monkeypatch: p
         assert bool((split.sparse < vocab).all()) and torch.equal(split.groups, split.sparse[:, 0])
     click = ds.train.labels["click"]
     assert 0.02 < float(click.mean()) < 0.12 and bool((ds.train.labels["purchase"] <= click).all())
+
+
+def test_resume_mid_epoch_on_a_stored_folder_in_small_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Resume] through Note [Block shuffle]: many windows, a held-out val (index), skipped batches unread."""
+    from mtldsl.runtime import trainer
+    from mtldsl.runtime.synthetic import generate
+
+    monkeypatch.setattr(data_mod, "BLOCK_ROWS", 64)
+    monkeypatch.setattr(data_mod, "WINDOW_BLOCKS", 3)
+    schema = catalog.KNOWN_DATASETS["synthetic"].schema
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "schema.json").write_text(catalog.schema_to_json(schema).replace('"synthetic"', '"stored"', 1))
+    cols, _ = generate(2600, 0)
+    frame = pd.DataFrame({c: cols[c] for c in schema.columns})
+    frame.iloc[:2200].to_parquet(folder / "train.parquet")  # no val file: 10% of train is held out
+    frame.iloc[2200:].to_parquet(folder / "test.parquet")
+    spec = Path(__file__).resolve().parents[1] / "specs" / "esmm.mtl"
+    kw = dict(data=str(folder), epochs=2, seed=5, batch_size=100, checkpoint_every=4, progress=False, device="cpu")
+    full = trainer.train(spec, out=tmp_path / "a", **kw)  # type: ignore[arg-type]
+
+    class Killed(Exception):
+        pass
+
+    original = trainer.Trainer.save
+
+    def save_then_die(self: trainer.Trainer, *, best: bool) -> None:
+        original(self, best=best)
+        if self.state.epoch == 1 and self.state.batch_in_epoch == 12:  # mid epoch 2, windows in
+            raise Killed
+
+    monkeypatch.setattr(trainer.Trainer, "save", save_then_die)
+    with pytest.raises(Killed):
+        trainer.train(spec, out=tmp_path / "b", **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(trainer.Trainer, "save", original)
+    resumed = trainer.train(spec, out=tmp_path / "b", resume=True, progress=False)
+    a = torch.load(full.run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(resumed.run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.metrics["tasks"] == resumed.metrics["tasks"]

@@ -77,8 +77,9 @@ Column = np.ndarray | ColumnFile | Tensor  # a stored file, host memory, or (mov
 # order depends on nothing but (seed, epoch, number of rows): a resumed epoch redraws it and skips the
 # batches already trained without reading them; DDP ranks draw the same order and take their shard of
 # each global batch (Note [Global batch]). Reading a window costs one positioned read per block and
-# column, and only two windows' rows (a few tens of MB) are ever in memory, so stored splits stream
-# from the page cache in large sequential reads instead of one random page per row.
+# column; its rows are kept as one row-major matrix per kind in their narrow dtypes (~70 MB for
+# Ali-CCP's columns), at most two windows at a time, so stored splits stream from the page cache in
+# large sequential reads instead of one random page per row, and a batch is one index_select per kind.
 # Randomness: splits of at most one window (512Ki rows: every test, the default synthetic data) get
 # a uniform permutation. Larger splits get a uniform order of blocks and uniform mixing within 8
 # blocks: a batch draws its rows from 8 random blocks of the file, not from the whole file, so data
