@@ -2,9 +2,9 @@
 
 Takes a source file, the schema and an optional row cap; gives `Stored` (row count, one `ColumnFile`
 per column, each sparse field's largest id, which labels hold only 0/1). The first use converts the file
-in chunks of CHUNK_ROWS rows (Parquet batch by batch, CSV through pandas' chunked reader), checking
-every value on the way (bad data raises DataError naming the file, column and 1-based row); later uses
-only read the manifest. Note [Column store] says what is stored where and when it is rebuilt.
+in chunks of CHUNK_ROWS rows (Parquet row group by row group, CSV through pandas' chunked reader),
+checking every value on the way (bad data raises DataError naming the file, column and 1-based row);
+later uses only read the manifest. Note [Column store] says what is stored where and when it is rebuilt.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 # reads and checks every chunk and finds the row count, the largest ids and whether each label is 0/1;
 # pass 2 reads it again and writes); dense columns are float32; labels uint8 when they hold only 0 and
 # 1, else float32; a group id that is not a sparse field gets its own narrow integer column. Memory is
-# bounded by CHUNK_ROWS, not by the file. (Synthetic data beyond synthetic.MEMORY_ROWS rows is generated
-# into the same layout, one folder per split.)
+# bounded by CHUNK_ROWS and one Parquet row group (read one at a time), not by the file. (Synthetic data
+# beyond synthetic.MEMORY_ROWS rows is generated into the same layout, one folder per split.)
 # The manifest records the store format, the source file's size and mtime (ns), the row cap and the
 # schema's columns: any difference rebuilds the store. A store is built in a temporary folder beside
 # its final place and published with os.replace (`publish`), so an interrupted build leaves nothing a
@@ -273,13 +273,16 @@ def _chunks(path: Path, schema: Schema, rows: int | None) -> Iterator[pd.DataFra
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
         check_columns(path, header, needed, schema)
         left = rows
-        for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=needed):
-            if left is not None:
-                batch = batch.slice(0, left)
-                left -= batch.num_rows
-            yield batch.to_pandas()
-            if left is not None and left <= 0:
-                return
+        for group in range(pf.num_row_groups):  # one row group in memory at a time (no read-ahead)
+            table = pf.read_row_group(group, columns=needed, use_threads=False)
+            for start in range(0, table.num_rows, CHUNK_ROWS):
+                batch = table.slice(start, CHUNK_ROWS if left is None else min(CHUNK_ROWS, left))
+                if left is not None:
+                    left -= batch.num_rows
+                yield batch.to_pandas()
+                if left is not None and left <= 0:
+                    return
+            del table
         return
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
