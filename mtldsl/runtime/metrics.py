@@ -195,7 +195,7 @@ class Accumulator:
         if unknown:
             raise KeyError(f"masks for unregistered outputs: {', '.join(unknown)}")
         for n, kind in self.kinds.items():
-            p = preds[n].detach().reshape(-1).float()
+            p = preds[n].detach().reshape(-1).to(torch.float32, copy=True)  # a copy: an output may view a larger tensor
             y = labels[n].detach().reshape(-1)
             y = y.to(torch.uint8) if kind is TaskKind.binary else y.float()  # binary labels are 0/1 (the loader checks)
             if p.shape != y.shape:
