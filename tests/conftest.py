@@ -23,3 +23,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def update_golden(request: pytest.FixtureRequest) -> bool:
     """True under `pytest --update-golden`: write the expected file, do not compare."""
     return bool(request.config.getoption("--update-golden"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _column_store_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Column stores (runtime/store.py) of the tests' data go to a temporary folder, never beside the shared
+    samples (which a test run as root could write to). Tests of the store's own placement unset it."""
+    import os
+
+    os.environ["MTLDSL_CACHE_DIR"] = str(tmp_path_factory.mktemp("mtldsl-cache"))  # store.CACHE_ENV

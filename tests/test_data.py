@@ -406,7 +406,7 @@ def test_synthetic_has_conflicting_users() -> None:
 
 def _toy_split(n: int) -> Split:
     idx = torch.arange(n)
-    return Split(
+    return Split.from_tensors(
         sparse=torch.stack([idx, idx % 3], dim=1),
         dense=idx.to(torch.float32)[:, None],
         labels={"click": (idx % 2).to(torch.float32)},
@@ -436,7 +436,7 @@ def test_batches_shuffle_is_seeded_and_drop_last() -> None:
     again = [b["sparse"][:, 0] for b in split.batches(64, shuffle=True, generator=torch.Generator().manual_seed(3))]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert [len(b["sparse"]) for b in split.batches(64, shuffle=False, drop_last=True)] == [64, 64, 64]
-    no_groups = Split(split.sparse, split.dense, split.labels, None)
+    no_groups = Split.from_tensors(split.sparse, split.dense, split.labels, None)
     assert next(no_groups.batches(8, shuffle=True))["groups"] is None
     assert len(split) == 250 and len(split.take(torch.tensor([4, 2]))) == 2
 

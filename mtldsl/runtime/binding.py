@@ -8,13 +8,13 @@ splits holding only the model's columns and the label products, on the device or
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..diagnostics import SpecError
 from ..pipeline import Checked, check_text
@@ -61,23 +61,16 @@ def _same_fields(a: Any, b: Any) -> bool:
     return (a.labels, a.sparse, a.dense, dict(a.groups)) == (b.labels, b.sparse, b.dense, dict(b.groups))
 
 
-def _cut(split: Any, cls: type, schema: Any, objective: Objective) -> Any:
-    """The split with only the model's columns (selected once, here) and the label products (still on the host)."""
-    from .data import Split
-
-    def columns(matrix: Tensor, names: Sequence[str], fields: Sequence[str]) -> Tensor:
-        index = [names.index(f) for f in fields]
-        if index == list(range(matrix.shape[1])):
-            return matrix  # the model reads every column in order: share the tensor, no second copy
-        return matrix.index_select(1, torch.tensor(index, dtype=torch.long)).contiguous()
-
-    cut = Split(
-        sparse=columns(split.sparse, schema.sparse, cls.SPARSE_FIELDS),
-        dense=columns(split.dense, schema.dense, cls.DENSE_FIELDS),
-        labels=objective.targets(split.labels),
-        groups=split.groups,
+def _cut(split: Any, cls: type, objective: Objective) -> Any:
+    """The split with only the model's columns, in its order (no copy: the same column files or arrays), whose
+    batches carry the objective's label products (computed per batch, on the host)."""
+    return replace(
+        split,
+        sparse_cols={f: split.sparse_cols[f] for f in cls.SPARSE_FIELDS},
+        dense_cols={f: split.dense_cols[f] for f in cls.DENSE_FIELDS},
+        products=dict(objective.columns),
+        truth_cols=None,
     )
-    return cut
 
 
 def data_fits(nbytes: int, device: torch.device, free: int | None = None) -> bool:
@@ -113,13 +106,12 @@ def check_vocab(cls: type, dataset: Any, split: str, vocab: Mapping[str, int]) -
     """Ids beyond the trained vocabulary would read another field's rows: refuse them by column and row."""
     from .data import DataError
 
-    schema, data = dataset.schema, dataset.split(split)
+    data = dataset.split(split)
     for f in cls.SPARSE_FIELDS:
-        col = data.sparse[:, schema.sparse.index(f)]
-        over = col >= vocab[f]
-        if bool(over.any()):
-            i = int(torch.nonzero(over)[0, 0])
-            raise DataError(f"{dataset.source}: {split} split, column '{f}', row {i + 1}: id {int(col[i])} is outside "
+        found = data.first_at_least(f, vocab[f])  # read in runs of rows, never the whole column
+        if found is not None:
+            i, value = found
+            raise DataError(f"{dataset.source}: {split} split, column '{f}', row {i + 1}: id {value} is outside "
                             f"the model's vocabulary (size {vocab[f]}, from the data it was trained on)")
 
 
@@ -162,7 +154,7 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     module = load_module(source, f"mtldsl_{spec.model.name}")
     cls = getattr(module, class_name(spec.model.name))
     check_columns(cls, dataset, dataset.source)
-    splits = _place({name: _cut(dataset.split(name), cls, dataset.schema, objective)
+    splits = _place({name: _cut(dataset.split(name), cls, objective)
                      for name in ("train", "val", "test")}, device)
     return Prepared(spec, objective, source, cls, dataset, splits)
 

@@ -8,9 +8,9 @@ If the caller has already initialised torch.distributed, that group is used and 
 
 Note [Global batch]
 `--batch-size B` is the batch of ONE process: a step trains on a global batch of WORLD_SIZE x B rows.
-Every rank loads the same dataset (deterministic by seed) and draws the same permutation of the train
-split per epoch (the trainer's (seed, epoch) generator); global batch k is rows
-perm[k*W*B : (k+1)*W*B] and rank r takes the contiguous block [r*B, (r+1)*B) of it. The tail
+Every rank loads the same dataset (deterministic by seed) and draws the same order of the train
+split per epoch (the trainer's (seed, epoch) generator; Note [Block shuffle] in data.py); global batch k
+is rows order[k*W*B : (k+1)*W*B] and rank r takes the contiguous block [r*B, (r+1)*B) of it. The tail
 (t = n mod W*B rows) is split evenly too, t // W rows per rank; the t mod W (< W) rows left over are not
 trained on in that epoch. So every rank runs the same number of steps on shards of equal size, and since
 the losses are means and DDP averages gradients, one DDP step equals one single-process step on the
@@ -172,14 +172,16 @@ def rows_per_epoch(n: int, batch_size: int, world: int) -> int:
 
 
 def shard_batches(split: Any, batch_size: int, rank: int, world: int,
-                  generator: torch.Generator | None) -> Iterator[dict[str, Any]]:
-    """Rank `rank`'s batches of one epoch of `split` (a data.Split): its block of each global batch."""
-    n = len(split)
-    perm = torch.randperm(n, generator=generator).to(split.sparse.device)  # the same draw as Split.batches
+                  generator: torch.Generator | None, skip: int = 0) -> Iterator[dict[str, Any]]:
+    """Rank `rank`'s batches of one epoch of `split` (a data.Split): its block of each global batch of the
+    epoch's order (the same draw as Split.batches: Note [Block shuffle] in data.py); the first `skip` unread."""
+    from .data import chunk_len, epoch_chunks, sub_chunk
+
     step = batch_size * world
-    full = n - n % step
-    for start in range(0, full, step):
-        yield split.rows(perm[start + rank * batch_size: start + (rank + 1) * batch_size])
-    per = (n - full) // world
-    if per > 0:
-        yield split.rows(perm[full + rank * per: full + (rank + 1) * per])
+    for k, pieces in enumerate(epoch_chunks(len(split), step, generator)):
+        size = chunk_len(pieces)
+        per = batch_size if size == step else size // world
+        if per == 0:
+            return
+        if k >= skip:
+            yield split.gather(sub_chunk(pieces, rank * per, (rank + 1) * per))

@@ -5,12 +5,13 @@ losses, label domains and metrics read from the IR only (objective.py), early st
 atomic checkpoints and exact resume (Note [Resume]), optionally data-parallel under torchrun (Note
 [Distributed training]).
 
-Hot path: batches are slices of pre-built tensors already on the device, holding only the model's
-columns and the label products the losses need; per-step losses stay on the device and are read back
-once every LOG_EVERY steps (NaN check, progress bar), and before any checkpoint is written, so a
-diverged step never reaches a checkpoint. Gradients are zeroed in place, not freed: a large fused
-embedding table keeps one persistent dense gradient buffer instead of allocating (and page-faulting) a
-fresh one every step (DESIGN.md, Generated code); the optimizer is fused where the device supports it.
+Hot path: batches are gathered from a window of the split's columns (data.py, Note [Block shuffle]),
+holding only the model's columns and the label products the losses need; per-step losses stay on the
+device and are read back once every LOG_EVERY steps (NaN check, progress bar), and before any
+checkpoint is written, so a diverged step never reaches a checkpoint. Gradients are zeroed in place,
+not freed: a large fused embedding table keeps one persistent dense gradient buffer instead of
+allocating (and page-faulting) a fresh one every step (DESIGN.md, Generated code); the optimizer is
+fused where the device supports it.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ class TrainingDiverged(RuntimeError):
 # counter, history, the torch RNG states, the config and the vocabulary sizes.
 # Resume (`resume=True`, `out` = the run folder) rebuilds the model from the run's model.py, loads
 # `last.pt` and continues *exactly* where it stopped, mid-epoch included: each epoch's shuffle comes
-# from a generator seeded by (seed, epoch), so the resumed epoch redraws the same permutation and skips
-# the batches already trained on (none is seen twice or skipped), and the restored RNG state gives the
+# from a generator seeded by (seed, epoch), so the resumed epoch redraws the same order
+# (Note [Block shuffle] in data.py) and skips the batches already trained on, without reading them
+# (none is seen twice or skipped), and the restored RNG state gives the
 # same dropout masks. Resuming the end of epoch k with the same seed therefore ends with the same
 # parameters as an uninterrupted run. Steps after the last save are lost and redone. A resumed run may
 # change only RESUMABLE settings (e.g. more --epochs); anything else must match the checkpoint.
@@ -162,7 +164,7 @@ class Trainer:
         self.weighting = make_weighting(cfg.weighting, self.objective,
                                         shared_parameters(self.model, prepared.checked.graph)).to(device)
         self.optimizer = build_optimizers(self.model, self.weighting, cfg, device)
-        self.monitor = make_monitor(cfg.monitor, self.objective, prepared.dataset.train.groups is not None)
+        self.monitor = make_monitor(cfg.monitor, self.objective, prepared.dataset.train.has_groups)
         self._losses_of = (self.objective.losses if dist is None
                            else functools.partial(self.objective.losses, dist=dist))
         self.state = _State(loss_sums=[0.0] * len(self.objective.loss_keys))
@@ -221,14 +223,16 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """This process's batches of `epoch`: all of them, or its shard of each global batch under DDP."""
+    def train_batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """This process's batches of `epoch` after the first `skip` (passed over unread: Note [Resume]): all of
+        them, or its shard of each global batch under DDP."""
         generator = _epoch_generator(self.cfg.seed, epoch)
         if self.dist is None:
-            return self.p.splits["train"].batches(self.cfg.batch_size, shuffle=True, generator=generator)
+            return self.p.splits["train"].batches(self.cfg.batch_size, shuffle=True, generator=generator, skip=skip)
         from .distributed import shard_batches
 
-        return shard_batches(self.p.splits["train"], self.cfg.batch_size, self.rank, self.world_size, generator)
+        return shard_batches(self.p.splits["train"], self.cfg.batch_size, self.rank, self.world_size, generator,
+                             skip=skip)
 
     def batches_per_epoch(self) -> int:
         n = len(self.p.splits["train"])
@@ -293,9 +297,7 @@ class Trainer:
         skip = s.batch_in_epoch  # > 0 only when resuming mid-epoch (Note [Resume])
         if skip == 0:
             s.loss_sums, s.loss_count, s.epoch_seconds = [0.0] * len(self.objective.loss_keys), 0, 0.0
-        batches = self.train_batches(epoch)
-        for _ in range(skip):
-            next(batches)
+        batches = self.train_batches(epoch, skip)
         bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    file=sys.stderr, dynamic_ncols=True, disable=not self.progress or not sys.stderr.isatty())
         keys = self.objective.loss_keys
@@ -446,7 +448,7 @@ def _start(stack: contextlib.ExitStack, text: str, path: str, options: Mapping[s
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or another --out")
     prepared = prepare(text, path, data=data_source, data_dir=cfg.data_dir, rows=cfg.rows, data_seed=cfg.data_seed,
                        device=dev, checked=spec_checked)
-    make_monitor(cfg.monitor, prepared.objective, prepared.dataset.train.groups is not None)
+    make_monitor(cfg.monitor, prepared.objective, prepared.dataset.train.has_groups)
     run_dir = Path()
     if dist is None or dist.is_main:  # only the main process writes (Note [Distributed training])
         if out is None:

@@ -1,8 +1,10 @@
 """Per-task metrics on tensors: AUC, gAUC, logloss (binary tasks); MSE, MAE (regression tasks).
 
-Pure torch, no sklearn. Each metric takes 1-D tensors (any device, any float dtype; computed in float64)
-and returns a Python float; AUC-like metrics return nan when only one class is present. `Accumulator`
-keeps per-batch predictions on their device and computes everything once at the end of an epoch.
+Pure torch, no sklearn. Each metric takes 1-D tensors (any device, any float dtype) and returns a Python
+float, exact: AUC and gAUC sort the scores in their own dtype and count per run of tied scores (float64
+per run), the means sum float64 chunks; no float64 copy of a whole split is made. AUC-like metrics
+return nan when only one class is present. `Accumulator` keeps per-batch predictions (float32), labels
+(uint8 for binary outputs) and one copy of the group ids, and computes everything once at the end.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from ..vocab import TaskKind
 __all__ = ["Accumulator", "auc", "gauc", "logloss", "mae", "mse"]
 
 
+CHUNK = 1 << 20  # rows per float64 chunk of the mean-type metrics (no float64 copy of a whole split)
+
+
 def _flat(x: Tensor) -> Tensor:
-    return x.detach().reshape(-1).to(torch.float64)
+    """1-D, detached, in its own dtype (integer and bool inputs as float32); float64 only per chunk or per run."""
+    x = x.detach().reshape(-1)
+    return x if x.is_floating_point() else x.to(torch.float32)
 
 
 def _check(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -29,24 +36,31 @@ def _check(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return s, y
 
 
-def _tie_average_ranks(sorted_keys: list[Tensor]) -> Tensor:
-    """1-based ranks of rows already sorted by the keys, ties (equal on every key) sharing their mean rank."""
+def _runs(*sorted_keys: Tensor) -> tuple[Tensor, int]:
+    """Run id of each row of rows sorted by the keys (a run: rows equal on every key), and the number of runs."""
     n = sorted_keys[0].numel()
     change = torch.zeros(n, dtype=torch.bool, device=sorted_keys[0].device)
     if n:
         change[0] = True
     for k in sorted_keys:
         change[1:] |= k[1:] != k[:-1]
-    run = torch.cumsum(change.to(torch.int64), 0) - 1  # run id of each row
-    n_runs = int(run[-1].item()) + 1 if n else 0
-    pos = torch.arange(1, n + 1, dtype=torch.float64, device=run.device)
-    rank_sum = torch.zeros(n_runs, dtype=torch.float64, device=run.device).index_add_(0, run, pos)
-    count = torch.zeros(n_runs, dtype=torch.float64, device=run.device).index_add_(0, run, torch.ones_like(pos))
-    return (rank_sum / count)[run]
+    run = torch.cumsum(change, 0) - 1
+    return run, (int(run[-1].item()) + 1 if n else 0)
+
+
+def _wins(run: Tensor, n_runs: int, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Per run of tied scores (in score order): its positives and negatives, as float64 (one value per run)."""
+    total = torch.bincount(run, minlength=n_runs).to(torch.float64)
+    n_pos = torch.bincount(run[pos], minlength=n_runs).to(torch.float64)
+    return n_pos, total - n_pos
 
 
 def auc(scores: Tensor, labels: Tensor) -> float:
-    """ROC AUC (Mann-Whitney U with average ranks for ties; equals sklearn.roc_auc_score). nan for one class."""
+    """ROC AUC (Mann-Whitney U, a tie counting one half; equals sklearn.roc_auc_score). nan for one class.
+
+    Exact and lean: one sort of the scores in their own dtype, then counts per run of tied scores; each
+    positive wins over the negatives of lower runs and half of its own run's.
+    """
     s, y = _check(scores, labels)
     pos = y > 0.5
     n_pos = int(pos.sum().item())
@@ -54,16 +68,20 @@ def auc(scores: Tensor, labels: Tensor) -> float:
     if n_pos == 0 or n_neg == 0:
         return math.nan
     s_sorted, order = torch.sort(s)
-    ranks = _tie_average_ranks([s_sorted])
-    r_pos = ranks[pos[order]].sum().item()
-    return (r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    pos = pos[order]
+    del order
+    run, n_runs = _runs(s_sorted)
+    del s_sorted
+    p, q = _wins(run, n_runs, pos)
+    below = torch.cumsum(q, 0) - q  # negatives in lower runs
+    return float((p * (below + 0.5 * q)).sum().item()) / (n_pos * n_neg)
 
 
 def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
     """Group AUC: per-group AUC averaged with impression weights over groups that have both classes.
 
-    Vectorised: one stable sort by (group, score) and segment sums; no Python loop over groups.
-    nan when no group has both classes.
+    Vectorised: one stable sort by (group, score) and counts per run of tied scores within a group; no
+    Python loop over groups. nan when no group has both classes.
     """
     s, y = _check(scores, labels)
     g = groups.detach().reshape(-1)
@@ -76,21 +94,35 @@ def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> float:
     n_groups = int(gid.max().item()) + 1
     order = torch.sort(s, stable=True).indices
     order = order[torch.sort(gid[order], stable=True).indices]  # by group, then score
-    gs, ss, pos = gid[order], s[order], (y[order] > 0.5).to(torch.float64)
-    ranks_global = _tie_average_ranks([gs, ss])  # ties only within a group
-    ones = torch.ones_like(ss)
-    size = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, gs, ones)
-    start = torch.cumsum(size, 0) - size  # rows before each group
-    ranks = ranks_global - start[gs]  # 1-based rank within the group
-    n_pos = torch.zeros_like(size).index_add_(0, gs, pos)
-    r_pos = torch.zeros_like(size).index_add_(0, gs, ranks * pos)
-    n_neg = size - n_pos
+    gs, ss, pos = gid[order], s[order], y[order] > 0.5
+    del order, gid
+    run, n_runs = _runs(gs, ss)
+    del ss
+    run_group = torch.zeros(n_runs, dtype=gs.dtype, device=gs.device).index_copy_(0, run, gs)  # the group of each run
+    del gs
+    p, q = _wins(run, n_runs, pos)
+    del run, pos
+    neg_before = torch.cumsum(q, 0) - q  # negatives in lower runs, over all groups so far
+    group_neg = torch.zeros(n_groups, dtype=torch.float64, device=q.device).index_add_(0, run_group, q)
+    neg_before -= (torch.cumsum(group_neg, 0) - group_neg)[run_group]  # ... of this group only
+    wins = torch.zeros_like(group_neg).index_add_(0, run_group, p * (neg_before + 0.5 * q))
+    n_pos = torch.zeros_like(group_neg).index_add_(0, run_group, p)
+    n_neg = group_neg
     valid = (n_pos > 0) & (n_neg > 0)
     if not bool(valid.any()):
         return math.nan
-    per_group = (r_pos[valid] - n_pos[valid] * (n_pos[valid] + 1) / 2) / (n_pos[valid] * n_neg[valid])
-    weight = size[valid]
+    per_group = wins[valid] / (n_pos[valid] * n_neg[valid])
+    weight = n_pos[valid] + n_neg[valid]
     return float((per_group * weight).sum().item() / weight.sum().item())
+
+
+def _mean(a: Tensor, b: Tensor, term: object) -> float:
+    """mean of term(a_chunk, b_chunk) (float64 chunks of CHUNK rows), summed in float64."""
+    total = 0.0
+    for i in range(0, a.numel(), CHUNK):
+        u, v = a[i:i + CHUNK].to(torch.float64), b[i:i + CHUNK].to(torch.float64)
+        total += float(term(u, v).sum().item())  # type: ignore[operator]
+    return total / a.numel()
 
 
 def logloss(p: Tensor, y: Tensor, eps: float = 1e-7) -> float:
@@ -98,18 +130,22 @@ def logloss(p: Tensor, y: Tensor, eps: float = 1e-7) -> float:
     pp, yy = _check(p, y)
     if pp.numel() == 0:
         return math.nan
-    pp = pp.clamp(eps, 1 - eps)
-    return float((-(yy * torch.log(pp) + (1 - yy) * torch.log1p(-pp))).mean().item())
+
+    def term(a: Tensor, b: Tensor) -> Tensor:
+        a = a.clamp(eps, 1 - eps)
+        return -(b * torch.log(a) + (1 - b) * torch.log1p(-a))
+
+    return _mean(pp, yy, term)
 
 
 def mse(pred: Tensor, target: Tensor) -> float:
     a, b = _check(pred, target)
-    return float(((a - b) ** 2).mean().item()) if a.numel() else math.nan
+    return _mean(a, b, lambda u, v: (u - v) ** 2) if a.numel() else math.nan
 
 
 def mae(pred: Tensor, target: Tensor) -> float:
     a, b = _check(pred, target)
-    return float((a - b).abs().mean().item()) if a.numel() else math.nan
+    return _mean(a, b, lambda u, v: (u - v).abs()) if a.numel() else math.nan
 
 
 def _kind(kind: object) -> TaskKind:
@@ -158,9 +194,10 @@ class Accumulator:
         unknown = [n for n in masks if n not in self.kinds]
         if unknown:
             raise KeyError(f"masks for unregistered outputs: {', '.join(unknown)}")
-        for n in self.kinds:
-            p = preds[n].detach().reshape(-1).float()
-            y = labels[n].detach().reshape(-1).float()
+        for n, kind in self.kinds.items():
+            p = preds[n].detach().reshape(-1).to(torch.float32, copy=True)  # a copy: an output may view a larger tensor
+            y = labels[n].detach().reshape(-1)
+            y = y.to(torch.uint8) if kind is TaskKind.binary else y.float()  # binary labels are 0/1 (the loader checks)
             if p.shape != y.shape:
                 raise ValueError(f"output '{n}': {p.numel()} predictions but {y.numel()} labels")
             self._preds[n].append(p)
@@ -170,11 +207,10 @@ class Accumulator:
         self._groups.append(None if groups is None else groups.detach().reshape(-1))
 
     def _cat(self, name: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """One output's predictions, labels, groups and mask, concatenated on the CPU (and kept so, in place of
+        its batches: one copy of each column at a time, and compute() may be called again)."""
         p = torch.cat(self._preds[name]).cpu()
         y = torch.cat(self._labels[name]).cpu()
-        g = None
-        if self._groups and all(t is not None for t in self._groups):
-            g = torch.cat([t for t in self._groups if t is not None]).cpu()
         mask = None
         if any(m is not None for m in self._masks[name]):
             parts = [
@@ -182,7 +218,15 @@ class Accumulator:
                 for m, t in zip(self._masks[name], self._preds[name])
             ]
             mask = torch.cat(parts).cpu()
-        return p, y, g, mask
+        self._preds[name], self._labels[name], self._masks[name] = [p], [y], [mask]
+        return p, y, self._all_groups(), mask
+
+    def _all_groups(self) -> Tensor | None:
+        """The group ids of every row, concatenated once for all outputs."""
+        if self._groups and all(t is not None for t in self._groups):
+            self._groups = [torch.cat([t for t in self._groups if t is not None]).cpu()]
+            return self._groups[0]
+        return None
 
     def compute(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import io
-from dataclasses import dataclass
+import os
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
 
 from ..pipeline import Checked
-from . import runs
 from .binding import DEVICE_DATA_SHARE, Prepared, check_vocab, data_fits, prepare
 from .checkpoint import LoadedRun, load_run
 from .config import CHECKPOINT_EVERY, ConfigError, TrainConfig, bind_options, signature
@@ -114,9 +114,11 @@ def predict(run_dir: str | Path, out_file: str | Path, data: str | None = None, 
             rows: int | None = None, split: str = "test", device: str = "auto",
             batch_size: int | None = None) -> Path:
     """Write per-sample predictions of a split (.parquet or .csv by suffix): row, one column per output,
-    then the label columns (`label_<column>`) and the group id when the dataset has one."""
-    import pandas as pd
+    then the label columns (`label_<column>`) and the group id when the dataset has one.
 
+    Written as it is computed (a Parquet row group / a block of CSV lines per PREDICT_ROWS rows) into a
+    temporary file beside `out_file`, which replaces it at the end: memory does not grow with the split.
+    """
     out_file = Path(out_file)
     suffix = out_file.suffix.lower()
     if suffix not in (".parquet", ".csv"):
@@ -126,25 +128,79 @@ def predict(run_dir: str | Path, out_file: str | Path, data: str | None = None, 
     check_vocab(loaded.prepared.cls, loaded.prepared.dataset, split, loaded.checkpoint["vocab_sizes"])
     cut = loaded.prepared.splits[split]
     raw = loaded.prepared.dataset.split(split)
-    preds: dict[str, list[Tensor]] = {name: [] for name in loaded.prepared.cls.OUTPUTS}
-    with torch.inference_mode():
-        for batch in cut.batches(min(batch_size or loaded.config.batch_size, EVAL_BATCH), shuffle=False):
-            out = forward(loaded.model, batch, loaded.device, loaded.precision)
-            for name in preds:
-                preds[name].append(out[name].float().cpu())
-    columns: dict[str, Any] = {"row": torch.arange(len(raw)).numpy()}
-    for name, parts in preds.items():
-        columns[name] = torch.cat(parts).numpy() if parts else []
-    for col, values in raw.labels.items():
-        columns[f"label_{col}"] = values.numpy()
     schema = loaded.prepared.dataset.schema
-    if raw.groups is not None:
-        columns[schema.user_id or "group"] = raw.groups.numpy()
-    frame = pd.DataFrame(columns)
-    if suffix == ".parquet":
-        buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
-        runs.atomic_write_bytes(out_file, buf.getvalue())
-    else:
-        runs.atomic_write_text(out_file, frame.to_csv(index=False))
+    raw_labels = replace(raw, sparse_cols={}, dense_cols={}, products=None, truth_cols=None)
+    size = min(batch_size or loaded.config.batch_size, EVAL_BATCH)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", dir=out_file.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with _PredictionWriter(tmp, suffix) as writer, torch.inference_mode():
+            start = 0
+            for batch, truth in zip(cut.batches(size, shuffle=False), raw_labels.batches(size, shuffle=False),
+                                    strict=True):
+                out = forward(loaded.model, batch, loaded.device, loaded.precision)
+                n = len(truth["labels"][next(iter(truth["labels"]))]) if truth["labels"] else len(batch["sparse"])
+                columns: dict[str, Any] = {"row": np.arange(start, start + n)}
+                for name in loaded.prepared.cls.OUTPUTS:
+                    columns[name] = out[name].float().cpu().numpy().reshape(-1)
+                for col, values in truth["labels"].items():
+                    columns[f"label_{col}"] = values.numpy()
+                if truth["groups"] is not None:
+                    columns[schema.user_id or "group"] = truth["groups"].numpy()
+                writer.write(columns)
+                start += n
+        os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out_file
+
+
+PREDICT_ROWS = 1 << 20  # rows per Parquet row group / CSV block that predict writes
+
+
+class _PredictionWriter:
+    """Appends column batches to a .parquet (one row group per PREDICT_ROWS rows) or .csv file."""
+
+    def __init__(self, path: Path, suffix: str) -> None:
+        self.path, self.suffix = path, suffix
+        self.pending: list[dict[str, Any]] = []
+        self.rows = 0
+        self.parquet: Any = None
+        self.csv_header = True
+
+    def __enter__(self) -> _PredictionWriter:
+        return self
+
+    def write(self, columns: dict[str, Any]) -> None:
+        self.pending.append(columns)
+        self.rows += len(columns["row"])
+        if self.rows >= PREDICT_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        import pandas as pd
+
+        if not self.pending:
+            return
+        keys = list(self.pending[0]) if self.pending else []
+        frame = pd.DataFrame({k: np.concatenate([p[k] for p in self.pending]) for k in keys})
+        self.pending, self.rows = [], 0
+        if self.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self.parquet is None:
+                self.parquet = pq.ParquetWriter(self.path, table.schema)
+            self.parquet.write_table(table)
+        else:
+            frame.to_csv(self.path, mode="w" if self.csv_header else "a", header=self.csv_header, index=False)
+            self.csv_header = False
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.flush()
+        if self.parquet is not None:
+            self.parquet.close()

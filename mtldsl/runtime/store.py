@@ -1,0 +1,449 @@
+"""On-disk column store: one dataset file (CSV or Parquet) + its schema -> checked, narrow, per-column .npy files.
+
+Takes a source file, the schema and an optional row cap; gives `Stored` (row count, one `ColumnFile`
+per column, each sparse field's largest id, which labels hold only 0/1). The first use converts the file
+in chunks of CHUNK_ROWS rows (Parquet row group by row group, CSV through pandas' chunked reader),
+checking every value on the way (bad data raises DataError naming the file, column and 1-based row);
+later uses only read the manifest. Note [Column store] says what is stored where and when it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pandas as pd
+from pandas.api import types as ptypes
+
+from mtldsl.catalog import DataError, Schema
+
+__all__ = ["CACHE_DIR", "CACHE_ENV", "CHUNK_ROWS", "FORMAT", "ColumnFile", "Role", "Stored", "cache_root",
+           "narrow_id_dtype", "npy_writer", "open_columns", "open_store", "publish", "user_cache"]
+
+log = logging.getLogger(__name__)
+
+# Note [Column store]
+# A dataset file `<folder>/train.csv` (or .parquet) is converted once into the folder
+# `<cache>/train.csv.<rows cap or "all">/`: one headered .npy file per column (written sequentially,
+# never through a memory map, so converting does not make the file resident) and `manifest.json`.
+# Sparse ids take the narrowest of uint8/int16/int32/int64 that holds the field's largest id (pass 1
+# reads and checks every chunk and finds the row count, the largest ids and whether each label is 0/1;
+# pass 2 reads it again and writes); dense columns are float32; labels uint8 when they hold only 0 and
+# 1, else float32; a group id that is not a sparse field gets its own narrow integer column. Memory is
+# bounded by CHUNK_ROWS and one Parquet row group (read one at a time), not by the file. (Synthetic data
+# beyond synthetic.MEMORY_ROWS rows is generated into the same layout, one folder per split.)
+# The manifest records the store format, the source file's size and mtime (ns), the row cap and the
+# schema's columns: any difference rebuilds the store. A store is built in a temporary folder beside
+# its final place and published with os.replace (`publish`), so an interrupted build leaves nothing a
+# later run could mistake for a store (a leftover `.tmp-*` folder is ignored, and removed by the next
+# build). Builds take a lock file (`.lock-<store>`, flock): of several processes loading the same
+# data at once (torchrun ranks), one builds and the others wait for it and read its store.
+# <cache> is `$MTLDSL_CACHE_DIR` when set; else `<folder>/.mtldsl-cache/` when the data folder is
+# writable; else `$XDG_CACHE_HOME/mtldsl` (default ~/.cache/mtldsl), in a subfolder named by the data
+# folder's name and a hash of its absolute path.
+# Reading never maps a column: a ColumnFile reads row ranges with positioned reads, a window of blocks
+# at a time (data.py, Note [Block shuffle]). Pages of a memory map stay in the process's resident set
+# until unmapped, so mapping a 40M-row column would make peak RSS grow with the file again; reads
+# leave them in the page cache only, which the kernel shares and reclaims.
+
+CACHE_DIR = ".mtldsl-cache"
+CACHE_ENV = "MTLDSL_CACHE_DIR"  # when set, every store lives under it (tests; data on a shared read-only mount)
+CHUNK_ROWS = 1 << 18  # rows per conversion chunk (~30 MB of parsed columns for Ali-CCP's 33)
+FORMAT = 1  # the store layout; a different number rebuilds every store
+MANIFEST = "manifest.json"
+
+
+class Role(Enum):
+    label = "label"
+    sparse = "sparse"
+    dense = "dense"
+    group = "group"
+
+
+@dataclass(frozen=True)
+class ColumnFile:
+    """One stored column: a headered .npy file of `n` values, read in row ranges (never mapped whole)."""
+
+    path: Path
+    dtype: np.dtype
+    offset: int  # bytes before the first value
+    n: int
+
+    @classmethod
+    def open(cls, path: Path) -> ColumnFile:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            assert not fortran and len(shape) == 1, path
+            return cls(path, np.dtype(dtype), f.tell(), int(shape[0]))
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.dtype.itemsize
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Values [start, stop) as a fresh array (one positioned read)."""
+        start, stop = max(0, start), min(self.n, stop)
+        out = np.empty(max(0, stop - start), dtype=self.dtype)
+        if out.size:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.offset + start * self.dtype.itemsize)
+                view = memoryview(out).cast("B")
+                got = 0
+                while got < len(view):
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise OSError(f"{self.path}: truncated column file")
+                    got += k
+        return out
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        a = self.read(0, self.n)
+        return a if dtype is None else a.astype(dtype)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A converted file: its columns (schema names) and what pass 1 learnt about them."""
+
+    source: Path
+    n: int
+    labels: dict[str, ColumnFile]
+    sparse: dict[str, ColumnFile]
+    dense: dict[str, ColumnFile]
+    groups: ColumnFile | None  # the user id column (the sparse field's file when it is one)
+    max_ids: dict[str, int]  # per sparse field
+
+
+def narrow_id_dtype(lo: int, hi: int) -> np.dtype:
+    """The narrowest of uint8, int16, int32, int64 holding every integer in [lo, hi]."""
+    if lo >= 0 and hi < 2**8:
+        return np.dtype(np.uint8)
+    for t in (np.int16, np.int32):
+        info = np.iinfo(t)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(t)
+    return np.dtype(np.int64)
+
+
+def user_cache() -> Path:
+    """$MTLDSL_CACHE_DIR, else $XDG_CACHE_HOME/mtldsl (default ~/.cache/mtldsl)."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "mtldsl"
+
+
+def cache_root(folder: Path) -> Path:
+    """Where the stores of a data folder live (Note [Column store])."""
+    explicit = os.environ.get(CACHE_ENV)
+    if not explicit and os.access(folder, os.W_OK):
+        try:
+            (folder / CACHE_DIR).mkdir(exist_ok=True)
+            return folder / CACHE_DIR
+        except OSError:
+            pass
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    root = user_cache() / f"{folder.name}-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# --- checks (every value, by file, column and 1-based row) -----------------------------------------
+
+
+def check_columns(path: Path, header: list[str], needed: list[str], schema: Schema) -> None:
+    missing = [c for c in needed if c not in header]
+    if missing:
+        cols = ", ".join(f"'{c}'" for c in missing)
+        s = "s" if len(missing) > 1 else ""
+        raise DataError(f"{path}: missing column{s} {cols} (needed by the '{schema.name}' schema)")
+
+
+def _show(value: object) -> str:
+    text = str(value)
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def fail(path: Path, col: str, i: int, what: str) -> DataError:
+    """The DataError of 0-based data row `i` of `path` (printed 1-based)."""
+    return DataError(f"{path}: column '{col}', row {i + 1}: {what}")
+
+
+def fmt(x: float) -> str:
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)  # nan, inf, -inf
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def _numeric(path: Path, df: pd.DataFrame, col: str, expected: str, base: int) -> np.ndarray:
+    """The column as a float64/int64 array; text cells that are not numbers raise DataError."""
+    s = df[col]
+    if ptypes.is_bool_dtype(s.dtype) or (ptypes.is_integer_dtype(s.dtype) and not s.hasnans):
+        return s.to_numpy(dtype=np.int64, copy=True)  # copy: pandas may hand out read-only views
+    if ptypes.is_numeric_dtype(s.dtype):
+        return s.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
+    num = pd.to_numeric(s, errors="coerce")
+    bad = num.isna().to_numpy()
+    if bad.any():
+        # A cell that parses to NaN ('nan') is left for the caller's NaN check; anything else is not a number.
+        text = s.astype("string").fillna("").to_numpy(dtype=object)
+        for i in np.flatnonzero(bad):
+            cell = str(text[i]).strip()
+            if cell == "":
+                raise fail(path, col, base + i, "missing value")
+            try:
+                float(cell)
+            except ValueError:
+                raise fail(path, col, base + i, f"expected {expected}, got {_show(text[i])}") from None
+    return num.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def _ids(path: Path, df: pd.DataFrame, col: str, base: int, *, non_negative: bool = True) -> np.ndarray:
+    a = _numeric(path, df, col, "an integer id", base)
+    if a.dtype != np.int64:
+        bad = ~np.isfinite(a) | (a != np.round(a))
+        if bad.any():
+            i = _first(bad)
+            raise fail(path, col, base + i, f"expected an integer id, got {fmt(a[i])}")
+        a = a.astype(np.int64)
+    if non_negative and (a < 0).any():
+        i = _first(a < 0)
+        raise fail(path, col, base + i, f"expected a non-negative integer id, got {a[i]}")
+    return a
+
+
+def _finite(path: Path, df: pd.DataFrame, col: str, base: int) -> np.ndarray:
+    a = _numeric(path, df, col, "a number", base).astype(np.float64, copy=False)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        i = _first(bad)
+        raise fail(path, col, base + i, f"expected a finite number, got {fmt(a[i])}")
+    return a
+
+
+def _chunk_arrays(df: pd.DataFrame, path: Path, schema: Schema, base: int) -> dict[tuple[Role, str], np.ndarray]:
+    """Check every cell of one chunk (rows base.. of the file): labels, then sparse, then dense, then the group."""
+    out: dict[tuple[Role, str], np.ndarray] = {}
+    for col in schema.labels:
+        out[Role.label, col] = _finite(path, df, col, base)
+    for col in schema.sparse:
+        out[Role.sparse, col] = _ids(path, df, col, base)
+    for col in schema.dense:
+        out[Role.dense, col] = _finite(path, df, col, base)
+    if schema.user_id is not None and schema.user_id not in schema.sparse:
+        out[Role.group, schema.user_id] = _ids(path, df, schema.user_id, base, non_negative=False)
+    return out
+
+
+# --- reading a source file in chunks ------------------------------------------------------------------
+
+
+def _chunks(path: Path, schema: Schema, rows: int | None) -> Iterator[pd.DataFrame]:
+    """The schema's columns of `path`, CHUNK_ROWS rows at a time, at most `rows` rows (CSV cells kept verbatim)."""
+    needed = list(schema.columns)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+            header = list(pf.schema_arrow.names)
+        except Exception as e:  # pyarrow raises several types for a damaged or empty file
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        check_columns(path, header, needed, schema)
+        left = rows
+        for group in range(pf.num_row_groups):  # one row group in memory at a time (no read-ahead)
+            table = pf.read_row_group(group, columns=needed, use_threads=False)
+            for start in range(0, table.num_rows, CHUNK_ROWS):
+                batch = table.slice(start, CHUNK_ROWS if left is None else min(CHUNK_ROWS, left))
+                if left is not None:
+                    left -= batch.num_rows
+                yield batch.to_pandas()
+                if left is not None and left <= 0:
+                    return
+            del table
+        return
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
+    try:
+        try:
+            header = list(pd.read_csv(path, nrows=0).columns)
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: empty file") from None
+        check_columns(path, header, needed, schema)
+        reader = pd.read_csv(path, usecols=needed, nrows=rows, chunksize=CHUNK_ROWS,
+                             keep_default_na=False,  # keep 'n/a', '' … as text so the error can quote them
+                             na_values=[], low_memory=False)
+        with reader:
+            for df in reader:
+                yield df[needed]
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot parse: {e}") from None
+
+
+# --- building and opening a store ---------------------------------------------------------------------
+
+
+def _key(path: Path, schema: Schema, rows: int | None) -> dict[str, object]:
+    st = path.stat()
+    return {"format": FORMAT, "source": {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
+            "rows": rows, "labels": list(schema.labels), "sparse": list(schema.sparse), "dense": list(schema.dense),
+            "user_id": schema.user_id}
+
+
+def _file_name(role: Role, j: int) -> str:
+    return f"{role.value}{j:03d}.npy"
+
+
+def _scan(path: Path, schema: Schema, rows: int | None) -> tuple[int, dict[tuple[Role, str], np.dtype], dict[str, int]]:
+    """Pass 1: check every value; the row count, each column's stored dtype and each sparse field's largest id."""
+    n = 0
+    lo: dict[tuple[Role, str], int] = {}
+    hi: dict[tuple[Role, str], int] = {}
+    binary: dict[str, bool] = {c: True for c in schema.labels}
+    for df in _chunks(path, schema, rows):
+        for key, a in _chunk_arrays(df, path, schema, n).items():
+            role, col = key
+            if role is Role.label:
+                binary[col] = binary[col] and bool(((a == 0) | (a == 1)).all())
+            elif role in (Role.sparse, Role.group) and len(a):
+                lo[key] = min(lo.get(key, 0), int(a.min()))
+                hi[key] = max(hi.get(key, 0), int(a.max()))
+        n += len(df)
+    if n == 0:
+        raise DataError(f"{path}: no data rows")
+    dtypes: dict[tuple[Role, str], np.dtype] = {}
+    for col in schema.labels:
+        dtypes[Role.label, col] = np.dtype(np.uint8 if binary[col] else np.float32)
+    for col in schema.sparse:
+        dtypes[Role.sparse, col] = narrow_id_dtype(lo.get((Role.sparse, col), 0), hi.get((Role.sparse, col), 0))
+    for col in schema.dense:
+        dtypes[Role.dense, col] = np.dtype(np.float32)
+    if schema.user_id is not None and schema.user_id not in schema.sparse:
+        key = (Role.group, schema.user_id)
+        dtypes[key] = narrow_id_dtype(lo.get(key, 0), hi.get(key, 0))
+    return n, dtypes, {col: hi.get((Role.sparse, col), 0) for col in schema.sparse}
+
+
+def npy_writer(stack: contextlib.ExitStack, path: Path, dtype: np.dtype, n: int) -> BinaryIO:
+    """A file holding the header of an (n,) array of `dtype`; its values are appended in order."""
+    f = stack.enter_context(open(path, "wb"))
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
+    return f
+
+
+def _build(path: Path, schema: Schema, rows: int | None, work: Path) -> None:
+    """Convert `path` into the folder `work` (both passes, then the manifest)."""
+    n, dtypes, max_ids = _scan(path, schema, rows)
+    names = {key: _file_name(key[0], j) for j, key in enumerate(dtypes)}
+    with contextlib.ExitStack() as stack:
+        files = {key: npy_writer(stack, work / names[key], dtype, n) for key, dtype in dtypes.items()}
+        written = 0
+        for df in _chunks(path, schema, rows):
+            for key, a in _chunk_arrays(df, path, schema, written).items():
+                files[key].write(np.ascontiguousarray(a.astype(dtypes[key])).tobytes())
+            written += len(df)
+        assert written == n, (path, written, n)
+    manifest = {**_key(path, schema, rows), "n": n, "max_ids": max_ids,
+                "files": [[key[0].value, key[1], names[key]] for key in dtypes]}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+def _read_manifest(folder: Path) -> dict[str, object] | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _current(manifest: dict[str, object] | None, key: dict[str, object]) -> bool:
+    return manifest is not None and all(manifest.get(k) == v for k, v in key.items())
+
+
+def publish(final: Path, key: dict[str, object], build: Callable[[Path], None]) -> dict[str, object]:
+    """The manifest of the store at `final`, built first (`build(work folder)`, which writes the manifest
+    with `key` in it) when absent or stale, and published atomically (Note [Column store])."""
+    manifest = _read_manifest(final)
+    if _current(manifest, key):
+        return manifest  # type: ignore[return-value]
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f".lock-{final.name}"):
+        manifest = _read_manifest(final)  # another process (a torchrun rank) may have built it meanwhile
+        if _current(manifest, key):
+            return manifest  # type: ignore[return-value]
+        for stale in root.glob(f".tmp-{final.name}.*"):  # a killed build's (under the lock, nobody else's)
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=root))
+        try:
+            build(work)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(work, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    manifest = _read_manifest(final)
+    assert manifest is not None
+    return manifest
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (flock) for one build at a time; no lock where the file system has none."""
+    with open(path, "a+b") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield
+
+
+def open_columns(folder: Path, files: list[list[str]]) -> dict[Role, dict[str, ColumnFile]]:
+    """The manifest's [role, column, file name] entries, opened, by role."""
+    cols: dict[Role, dict[str, ColumnFile]] = {r: {} for r in Role}
+    for role, col, name in files:
+        cols[Role(role)][col] = ColumnFile.open(folder / name)
+    return cols
+
+
+def open_store(path: Path, schema: Schema, rows: int | None, root: Path | None = None) -> Stored:
+    """The store of `path` (converted first when absent or stale: Note [Column store])."""
+    root = cache_root(path.parent) if root is None else root
+    final = root / f"{path.name}.{'all' if rows is None else rows}"
+
+    def build(work: Path) -> None:
+        log.info("converting %s into the column store %s", path, final)
+        _build(path, schema, rows, work)
+
+    manifest = publish(final, _key(path, schema, rows), build)
+    cols = open_columns(final, manifest["files"])  # type: ignore[arg-type]
+    groups = None
+    if schema.user_id is not None:
+        groups = cols[Role.sparse].get(schema.user_id) or cols[Role.group][schema.user_id]
+    return Stored(source=path, n=int(manifest["n"]),  # type: ignore[arg-type]
+                  labels=cols[Role.label], sparse=cols[Role.sparse], dense=cols[Role.dense], groups=groups,
+                  max_ids=dict(manifest["max_ids"]))  # type: ignore[arg-type]
