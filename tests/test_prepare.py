@@ -288,11 +288,25 @@ def test_bad_lines_name_file_and_line_and_publish_nothing(tmp_path) -> None:
         P.prepare_ali_ccp(raw, out, min_count=1)
 
 
-def test_parse_features_reads_both_separator_spellings() -> None:
-    a = P.parse_features("101\x021\x031.0\x01205\x027\x030.5\x01205\x028\x032.0")
-    b = P.parse_features("101\x011\x031.0\x02205\x017\x030.5\x02205\x018\x032.0")
+def _features(text: str, wanted: set[str]) -> dict[str, tuple[str, str]]:
+    """field -> (id, value) of one raw feature list, as prepare reads it (prepare_read.parse_entries)."""
+    from mtldsl.runtime.prepare_read import parse_entries
+
+    fields = sorted(wanted)
+    entries = parse_entries(pa.array([text]), pa.array(fields))
+    found = {}
+    for j, f in enumerate(fields):
+        i = entries.last[0, j]
+        if i >= 0:
+            found[f] = (entries.ids(np.array([i]))[0].as_py(), entries.values(np.array([i]))[0].as_py())
+    return found
+
+
+def test_feature_lists_read_both_separator_spellings() -> None:
+    a = _features("101\x021\x031.0\x01205\x027\x030.5\x01205\x028\x032.0", {"101", "205"})
+    b = _features("101\x011\x031.0\x02205\x017\x030.5\x02205\x018\x032.0", {"101", "205"})
     assert a == b == {"101": ("1", "1.0"), "205": ("8", "2.0")}
-    assert P.parse_features("101\x021\x031.0\x01999\x022\x031", {"101"}) == {"101": ("1", "1.0")}
+    assert _features("101\x021\x031.0\x01999\x022\x031", {"101"}) == {"101": ("1", "1.0")}
 
 
 def test_cli_data_prepare(tmp_path) -> None:

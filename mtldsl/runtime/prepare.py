@@ -53,7 +53,6 @@ __all__ = [
     "PREPARABLE",
     "PrepareReport",
     "default_out",
-    "parse_features",
     "prepare",
     "prepare_ali_ccp",
 ]
@@ -65,7 +64,7 @@ __all__ = [
 # A feature is (field_id, feature_id, value). The write-ups disagree on the separators: torch-rechub's
 # and PaddleRec's readers split features on \x01 and a feature as field\x02id\x03value, other
 # descriptions swap \x01 and \x02. Each feature has exactly three parts in that order either way, so
-# parse_features splits on all three control characters and reads triples: both spellings parse.
+# prepare_read.parse_entries splits on all three control characters and reads triples: both spellings parse.
 # The common features (user profile and behaviour fields) are shared by every sample with the same
 # common_feature_index; the skeleton holds the ad-side and cross fields.
 # Mapping, as torch-rechub's examples/ranking/data/ali-ccp/preprocess_ali_ccp.py does it:
@@ -92,7 +91,6 @@ DEFAULT_ROW_GROUP = 100_000
 DEFAULT_BLOCK = 8 << 20  # bytes of raw text per chunk
 DEFAULT_WORKERS = 2  # threads that parse chunks (Note [Prepare threads])
 PREPARABLE = ("ali_ccp",)
-_SEP = re.compile("[\x01\x02\x03]")
 _NOISE = "click=0,purchase=1"
 _NO_COMMON = "common_feature_index not in the common-features file"
 
@@ -121,27 +119,6 @@ class PrepareReport:
 
 
 # --- parsing --------------------------------------------------------------------------------------
-
-
-def parse_features(text: str, wanted: frozenset[str] | set[str] | None = None, *, where: str = "") -> dict[str, tuple[str, str]]:
-    """field -> (feature_id, value) from a raw feature list; the last entry of a repeated field wins.
-
-    The one-line reference of what prepare_read.parse_entries does to a whole chunk (not used by prepare).
-
-    `wanted` keeps only those fields. A list whose parts do not come in (field, id, value) triples
-    raises DataError naming `where`.
-    """
-    if not text:
-        return {}
-    parts = _SEP.split(text)
-    if len(parts) % 3:
-        raise DataError(f"{where}: malformed feature list: expected field, feature id, value triples "
-                        f"separated by \\x01/\\x02/\\x03, got {len(parts)} parts")
-    out: dict[str, tuple[str, str]] = {}
-    for f, fid, value in zip(parts[0::3], parts[1::3], parts[2::3]):
-        if wanted is None or f in wanted:
-            out[f] = (fid, value)
-    return out
 
 
 # --- rows -----------------------------------------------------------------------------------------
