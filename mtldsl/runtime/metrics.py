@@ -149,7 +149,7 @@ def mae(pred: Tensor, target: Tensor) -> float:
 
 
 def _kind(kind: object) -> TaskKind:
-    value = getattr(kind, "value", kind)  # accepts TaskKind members (vocab's or ir's) and plain strings
+    value = getattr(kind, "value", kind)  # accepts TaskKind members and plain strings
     try:
         return TaskKind(value)
     except ValueError:
@@ -222,9 +222,14 @@ class Accumulator:
         return p, y, self._all_groups(), mask
 
     def _all_groups(self) -> Tensor | None:
-        """The group ids of every row, concatenated once for all outputs."""
+        """Every row's group, once for all outputs: its dense index (int32 while the groups fit), which gauc
+        reads as it reads the raw ids (a relabelling of the groups), in half the memory of int64 ids."""
         if self._groups and all(t is not None for t in self._groups):
-            self._groups = [torch.cat([t for t in self._groups if t is not None]).cpu()]
+            if len(self._groups) > 1 or self._groups[0].dtype != torch.int32:
+                raw = torch.cat([t for t in self._groups if t is not None]).cpu()
+                index = torch.unique(raw, return_inverse=True)[1]
+                del raw
+                self._groups = [index.to(torch.int32) if index.numel() < 2**31 else index]
             return self._groups[0]
         return None
 
