@@ -85,6 +85,11 @@ def warning(message: str, span: Span, hint: str | None = None, source: SourceFil
     return Diagnostic(Severity.warning, message, span, hint, source)
 
 
+def quoted(names: Iterable[str]) -> str:
+    """`'a', 'b'`: names as messages list them."""
+    return ", ".join(f"'{n}'" for n in names)
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """`did you mean 'experts'?` from the closest declared names, or None."""
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)

@@ -20,12 +20,12 @@ Identifiers: every name that reaches generated code is safe (Note [Safe names] i
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import networkx as nx
 
-from .diagnostics import NOWHERE, Diagnostic, SourceFile, Span, did_you_mean, error, sort_key, warning
+from .diagnostics import NOWHERE, Diagnostic, SourceFile, Span, did_you_mean, error, quoted, sort_key, warning
 from .graph import grad_reach, input_width, node_id
 from .ir import BlockKind, Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, Output, Tower, Transfer
 from .names import GENERATED_CLASSES, class_name, name_problem
@@ -92,10 +92,6 @@ def _producer(model: Model, name: str) -> EmbeddingTable | ExpertGroup | Gate | 
 
 def _line(span: Span) -> str:
     return f"line {span.line}"
-
-
-def _quoted(names: Iterable[str]) -> str:
-    return ", ".join(f"'{n}'" for n in names)
 
 
 def _decl_name(node: Block) -> str:
@@ -719,11 +715,11 @@ def check_gradients(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
             continue
         detached = sorted(graph.nodes[v]["name"] for _, v, d in graph.out_edges(n, data=True) if not d["backward"])
         if detached:
-            hint = f"{_quoted(detached)} mix{'es' if len(detached) == 1 else ''} it `forward` only; " \
+            hint = f"{quoted(detached)} mix{'es' if len(detached) == 1 else ''} it `forward` only; " \
                    "add `backward` to one of those routes if it should learn"
         else:
             readers = sorted(graph.nodes[v]["name"] for v in graph.successors(n) if v in used)
-            hint = f"it feeds only blocks that get no gradient: {_quoted(readers)}"
+            hint = f"it feeds only blocks that get no gradient: {quoted(readers)}"
         out.warning(f"stop-gradient leaves {what} unreachable by any loss", span, hint)
     return out.items
 

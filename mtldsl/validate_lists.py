@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from .diagnostics import Diagnostic, error, warning
+from .diagnostics import Diagnostic, error, quoted, warning
 from .ir import EmbeddingTable, Model
 from .vocab import Pooling
 
@@ -27,11 +27,11 @@ def check_pooling(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
         if e.lists and e.pool is None:
             out.append(error(_unpooled(e), e.list_spans[0] if e.list_spans else e.name_span, POOL_HINT))
         if e.pool is not None and not e.lists and model.data_lists is not None:
-            hint = "list fields of the data: " + ", ".join(f"'{f}'" for f in model.data_lists) if model.data_lists \
+            hint = "list fields of the data: " + quoted(model.data_lists) if model.data_lists \
                 else f"dataset '{model.data}' has no list fields"
             out.append(error(f"table '{name}' pools, but none of its fields holds a list", e.pool_span, hint))
         if e.pool is Pooling.max and e.weighted:
-            fields = ", ".join(f"'{f}'" for f in e.weighted)
+            fields = quoted(e.weighted)
             out.append(warning(f"table '{name}' pools weighted field{'s' if len(e.weighted) > 1 else ''} {fields} "
                                "with max, which ignores weights", e.pool_span,
                                "use `pool sum` or `pool mean` to weigh the ids"))
@@ -41,5 +41,5 @@ def check_pooling(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
 def _unpooled(e: EmbeddingTable) -> str:
     if len(e.lists) == 1:
         return f"field '{e.lists[0]}' holds a list of ids; table '{e.decl_name}' must pool it"
-    fields = ", ".join(f"'{f}'" for f in e.lists)
+    fields = quoted(e.lists)
     return f"fields {fields} hold lists of ids; table '{e.decl_name}' must pool them"

@@ -10,10 +10,10 @@ this module; tests/test_layers.py checks that its activations are these.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .diagnostics import did_you_mean
+from .diagnostics import did_you_mean, quoted
 
 
 class TaskKind(enum.Enum):
@@ -114,7 +114,7 @@ def parse_monitor(text: str, kinds: Mapping[str, TaskKind], *, has_groups: bool 
         return MonitorProblem(f"monitor '{text}' names no metric", hint)
     if target != MEAN and target not in kinds:
         return MonitorProblem(f"monitor '{text}' names unknown output '{target}'",
-                              did_you_mean(target, [*kinds, MEAN]) or "outputs: " + _quoted(kinds))
+                              did_you_mean(target, [*kinds, MEAN]) or "outputs: " + quoted(kinds))
     try:
         metric = Metric(metric_name)
     except ValueError:
@@ -136,7 +136,3 @@ def parse_monitor(text: str, kinds: Mapping[str, TaskKind], *, has_groups: bool 
         return MonitorProblem(f"monitor '{text}': gauc needs a user/group id, and the data has none",
                               f"monitor '{target}.auc'")
     return Monitor(text, target, metric)
-
-
-def _quoted(items: Iterable[str]) -> str:
-    return ", ".join(f"'{x}'" for x in items)
