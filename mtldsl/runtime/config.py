@@ -154,7 +154,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("runs_root", Path, default="runs", role=Role.api),
     Option("sparse_embeddings", str,
            "auto (default: on for a table of 4 MiB or more), on or off: sparse gradients and a row-wise "
-           "optimizer (SparseAdam for adam) for the embedding tables.",
+           "optimizer (lazy Adam for adam) for the embedding tables.",
            fallback="auto", choices=SparseEmbeddings, label="--sparse-embeddings setting", field_default="auto"),
     Option("precision", str,
            "auto (default: bf16 autocast where the device multiplies bf16 natively -- CUDA, or a CPU with "
