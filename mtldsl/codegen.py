@@ -19,10 +19,9 @@ import networkx as nx
 from . import __version__, names
 from .graph import input_width, producer_id
 from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model
+from .resources import template_text
 from .vocab import TaskKind
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "templates"
 LAYERS = Path(__file__).resolve().parent / "runtime" / "layers.py"
 BEGIN = "# mtldsl:standalone begin (from mtldsl/runtime/layers.py)"
 END = "# mtldsl:standalone end"
@@ -273,7 +272,7 @@ def _display_path(path: str) -> str:
 
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        loader=jinja2.FunctionLoader(template_text),  # the packaged templates (Note [Packaged resources])
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

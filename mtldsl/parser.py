@@ -16,16 +16,16 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from . import syntax as s
 from .diagnostics import Diagnostic, SourceFile, Span, did_you_mean, error
+from .resources import grammar_text
+from .sources import decode, locate
 from .vocab import TaskKind
 
-ROOT = Path(__file__).resolve().parent.parent
-GRAMMAR = ROOT / "grammars" / "mtl.lark"
 
 
 @functools.cache
 def _lark() -> Lark:
     return Lark(
-        GRAMMAR.read_text(),
+        grammar_text(),
         start="spec",
         parser="lalr",
         lexer="contextual",
@@ -345,5 +345,7 @@ def parse_text(text: str, path: str = "<spec>") -> s.Spec | list[Diagnostic]:
 
 
 def parse_file(path: str | Path) -> tuple[SourceFile, s.Spec | list[Diagnostic]]:
-    text = Path(path).read_text(encoding="utf-8")
-    return SourceFile(str(path), text), parse_text(text, str(path))
+    """Parse a spec file (or a packaged spec by bare name); bytes that are not UTF-8 give their Diagnostic."""
+    spec = locate(path)
+    src, problem = decode(spec.data, spec.path)
+    return src, ([problem] if problem else parse_text(src.text, spec.path))

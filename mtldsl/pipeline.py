@@ -18,6 +18,7 @@ from .graph import build_graph
 from .ir import Model
 from .lower import DEFAULT_DATA, lower
 from .parser import parse_text
+from .sources import decode, locate
 from .syntax import DataDecl, Spec
 from .validate import validate
 
@@ -71,8 +72,18 @@ def check_text(text: str, path: str = "<spec>", schema: Schema | None = None, da
     return Checked(src, parsed, model, graph, _attach(diags, src))
 
 
+def check_bytes(data: bytes, path: str = "<spec>", schema: Schema | None = None, data_dir: str | None = None) -> Checked:
+    """check_text of a file's bytes: bytes that are not UTF-8 give one positioned error (sources.decode)."""
+    src, problem = decode(data, path)
+    if problem is not None:
+        return Checked(src, None, None, None, (problem,))
+    return check_text(src.text, path, schema=schema, data_dir=data_dir)
+
+
 def check_file(path: str | Path, schema: Schema | None = None, data_dir: str | None = None) -> Checked:
-    return check_text(Path(path).read_text(encoding="utf-8"), str(path), schema=schema, data_dir=data_dir)
+    """Check a spec file, or a packaged spec by bare name; sources.SpecNotFound when there is neither."""
+    spec = locate(path)
+    return check_bytes(spec.data, spec.path, schema=schema, data_dir=data_dir)
 
 
 def load_spec(path: str | Path, schema: Schema | None = None, data_dir: str | None = None) -> Checked:

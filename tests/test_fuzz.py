@@ -12,7 +12,7 @@ from hypothesis.extra.lark import from_lark
 from lark import Lark
 
 from mtldsl.diagnostics import render_all
-from mtldsl.parser import GRAMMAR
+from mtldsl.resources import grammar_text
 from mtldsl.pipeline import Checked, check_text
 from mtldsl.names import name_problem
 
@@ -55,7 +55,7 @@ def assert_safe_when_clean(checked: Checked) -> None:
 
 def _grammar_strategy() -> st.SearchStrategy[str]:
     """from_lark over grammars/mtl.lark, every token followed by a space so that tokens do not glue."""
-    lark = Lark(GRAMMAR.read_text(), start="spec", parser="lalr")
+    lark = Lark(grammar_text(), start="spec", parser="lalr")
     spaced = {
         "NAME": st.sampled_from(NAMES),
         "DOTTED": st.sampled_from(["cvr.auc", "mean.auc", "ctr.mse", "ctr.acc", "a.b.c"]),
@@ -121,7 +121,7 @@ def mutated_specs(draw: st.DrawFn) -> str:
 
 
 _NAME_TOKEN = re.compile(r"(?<![\w.\"])[a-z_][a-z0-9_]*(?![\w.\"])")
-KEYWORDS = {t.pattern.value for t in Lark(GRAMMAR.read_text(), start="spec", parser="lalr").terminals
+KEYWORDS = {t.pattern.value for t in Lark(grammar_text(), start="spec", parser="lalr").terminals
             if t.pattern.type == "str"} | {"forward", "backward", "true", "false"}
 
 
