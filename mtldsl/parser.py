@@ -8,6 +8,7 @@ parser reports the end of the text as an UnexpectedToken `$END` (only Earley rai
 from __future__ import annotations
 
 import functools
+import math
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from . import syntax as s
 from .diagnostics import Diagnostic, SourceFile, Span, did_you_mean, error
 from .resources import grammar_text
+from .size import MAX_DIGITS
 from .sources import decode, locate
 from .vocab import TaskKind
 
@@ -51,8 +53,29 @@ def _unquote(token: Token) -> str:
     return re.sub(r"\\(.)", lambda m: _ESCAPES[m[1]], str(token)[1:-1], flags=re.S)
 
 
+class _BadLiteral(Exception):
+    """A number the grammar accepts but no size or weight can be (Note [Size limits]); parse_text reports it."""
+
+    def __init__(self, token: Token, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.span, self.hint = _span(token), hint
+
+
 def _number(token: Token) -> int | float:
-    return int(token) if token.type == "INT" else float(token)
+    if token.type == "INT":
+        if len(token.lstrip("0")) > MAX_DIGITS:
+            raise _BadLiteral(token, f"integer with more than {MAX_DIGITS} digits",
+                              "sizes have limits (docs/language.md, Limits)")
+        return int(token)
+    value = float(token)
+    if not math.isfinite(value):
+        raise _BadLiteral(token, f"number {_clip(str(token))} is too large: it is infinite as a float",
+                          "write a finite number")
+    return value
+
+
+def _clip(text: str, limit: int = 24) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @v_args(meta=True)
@@ -109,7 +132,7 @@ class _ToSyntax(Transformer):
         return s.OutputDecl(str(c[0]), factors, label, where, _span(meta), _span(c[0]))
 
     def loss_weight(self, meta, c):
-        return ("weight", c[0])
+        return ("weight", _number(c[0]))
 
     def loss_label(self, meta, c):
         return ("label", c[0])
@@ -124,7 +147,7 @@ class _ToSyntax(Transformer):
         weight = props.get("weight")
         return s.LossDecl(
             c[0],
-            _number(weight) if isinstance(weight, Token) else None,  # type: ignore[arg-type]
+            weight,  # type: ignore[arg-type]
             props.get("label"),  # type: ignore[arg-type]
             props.get("where"),  # type: ignore[arg-type]
             _span(meta),
@@ -146,13 +169,13 @@ class _ToSyntax(Transformer):
         return s.FieldSel(None, tuple(x for x in c if x is not None), _span(meta))
 
     def int_list(self, meta, c):
-        return tuple(int(x) for x in c if x is not None)
+        return tuple(int(_number(x)) for x in c if x is not None)
 
     def _prop(key):  # noqa: N805 - a factory used in the class body
         def method(self, meta, c):
             value = c[0]
             if isinstance(value, Token):
-                value = {"INT": int, "FLOAT": float, "BOOL": lambda t: t == "true", "NAME": str}[value.type](value)
+                value = {"INT": _number, "FLOAT": _number, "BOOL": lambda t: t == "true", "NAME": str}[value.type](value)
             return s.Prop(key, value, _span(meta))
 
         return method
@@ -225,7 +248,7 @@ class _ToSyntax(Transformer):
         return s.TransferDecl(c[0], c[1], tuple(c[2:]), _span(meta))
 
     def levels_decl(self, meta, c):
-        return s.LevelsDecl(int(c[0]), tuple(c[1:]), _span(meta))
+        return s.LevelsDecl(int(_number(c[0])), tuple(c[1:]), _span(meta))
 
     def train_decl(self, meta, c):
         return s.TrainDecl(tuple(c), _span(meta))
@@ -340,7 +363,9 @@ def parse_text(text: str, path: str = "<spec>") -> s.Spec | list[Diagnostic]:
         return [_syntax_error(exc, src)]
     try:
         return _ToSyntax().transform(tree)
-    except VisitError as exc:  # a malformed literal the grammar let through (e.g. a huge escape)
+    except VisitError as exc:  # a literal the grammar let through but no value can be
+        if isinstance(exc.orig_exc, _BadLiteral):
+            return [error(str(exc.orig_exc), exc.orig_exc.span, exc.orig_exc.hint, src)]
         return [error(f"cannot read this value: {exc.orig_exc}", _span(exc.obj.meta), None, src)]
 
 

@@ -18,6 +18,7 @@ from .graph import build_graph
 from .ir import Model
 from .lower import DEFAULT_DATA, lower
 from .parser import parse_text
+from .size import Estimate, check_size, estimate
 from .sources import decode, locate
 from .syntax import DataDecl, Spec
 from .validate import validate
@@ -32,6 +33,7 @@ class Checked:
     model: Model | None
     graph: nx.DiGraph | None
     diagnostics: tuple[Diagnostic, ...]
+    size: Estimate | None = None  # the parameters it allocates, once it is valid (Note [Size limits])
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -69,7 +71,11 @@ def check_text(text: str, path: str = "<spec>", schema: Schema | None = None, da
     diags += lowered
     graph = build_graph(model)
     diags = diags + validate(model, graph, src)
-    return Checked(src, parsed, model, graph, _attach(diags, src))
+    size = None
+    if not any(d.is_error for d in diags):
+        size = estimate(model, graph, schema.vocab_sizes if schema is not None else None)
+        diags += check_size(size)
+    return Checked(src, parsed, model, graph, _attach(diags, src), size)
 
 
 def check_bytes(data: bytes, path: str = "<spec>", schema: Schema | None = None, data_dir: str | None = None) -> Checked:

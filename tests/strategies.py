@@ -9,13 +9,13 @@ keywords are read from the grammar's string literals, so the pool stays in sync 
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 from hypothesis import strategies as st
 
 from mtldsl import syntax as s
+from mtldsl.size import MAX_DIGITS
 from mtldsl.vocab import TaskKind
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammars" / "mtl.lark"
@@ -41,9 +41,10 @@ names = st.sampled_from(NAMES)
 dotted_names = st.lists(names, min_size=2, max_size=3).map(".".join)
 # Any text: the quote, backslash, newline and tab must be escaped, everything else stands for itself.
 strings = st.text(st.sampled_from('ab1 "\\\n\t\r\x00#{}é') | st.characters(exclude_categories=("Cs",)), max_size=10)
-ints = st.integers(min_value=0, max_value=10**6) | st.integers(min_value=0, max_value=10**30)
-floats = st.floats(min_value=0.0, allow_nan=False, allow_infinity=True).map(abs) | st.sampled_from(
-    [0.0, 1.0, 1e-05, 1e16, math.inf]  # a too-large FLOAT (1e400) reads as inf
+# Literals the parser reads (Note [Size limits]): at most MAX_DIGITS digits, finite floats (1e400 is an error).
+ints = st.integers(min_value=0, max_value=10**6) | st.integers(min_value=0, max_value=10**MAX_DIGITS - 1)
+floats = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False).map(abs) | st.sampled_from(
+    [0.0, 1.0, 1e-05, 1e16, 1.7976931348623157e308]
 )
 numbers = ints | floats
 

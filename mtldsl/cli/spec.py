@@ -58,7 +58,8 @@ def check(
         if good and checked.model is not None:
             m = checked.model
             blocks = len(m.embeddings) + len(m.experts) + len(m.gates) + len(m.towers)
-            typer.echo(f"{spec}: ok ({m.name}: {len(m.tasks)} tasks, {blocks} blocks, {len(m.losses)} losses)")
+            size = f"; {checked.size.describe()}" if checked.size is not None else ""
+            typer.echo(f"{spec}: ok ({m.name}: {len(m.tasks)} tasks, {blocks} blocks, {len(m.losses)} losses{size})")
     raise typer.Exit(0 if ok else 1)
 
 
