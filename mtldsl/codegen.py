@@ -44,7 +44,9 @@ def ident(name: str, local: bool = False) -> str:
 
 def class_name(model_name: str) -> str:
     """The generated class: names.class_name's spelling (one rule, so the collision check sees it) of a checked name."""
-    return names.class_name(ident(model_name))
+    if names.class_problem(ident(model_name)) is not None:
+        raise CodegenError(f"refusing to emit class {names.class_name(model_name)!r}")
+    return names.class_name(model_name)
 
 
 def standalone_layers() -> str:

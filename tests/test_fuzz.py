@@ -3,6 +3,7 @@ a Checked whose diagnostics lie inside the text and render. A spec that checks c
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
 from lark import Lark
+from strategies import architectures
 
 from mtldsl.diagnostics import render_all
 from mtldsl.resources import grammar_text
@@ -154,3 +156,38 @@ def test_renamed_spec_never_raises(text: str) -> None:
     checked = check_text(text, "specs/renamed.mtl")
     assert_sound(text, checked)
     assert_safe_when_clean(checked)
+
+
+# ---- what check accepts compiles, imports and builds ---------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures() | renamed_specs())
+def test_every_spec_check_accepts_compiles_imports_and_builds(text: str) -> None:
+    """Issue 9: `model none` checked clean and compiled to `class None(nn.Module)`. Whatever passes `check`
+    compiles to source ast.parse accepts, that imports, and whose class builds and runs a batch."""
+    import torch
+
+    import mtldsl
+    from mtldsl.codegen import class_name
+
+    checked = check_text(text, "specs/drawn.mtl")
+    if not checked.ok:
+        return
+    source = mtldsl.compile_spec(checked)
+    ast.parse(source)
+    module = mtldsl.load_module(source, "mtldsl_drawn")
+    cls = getattr(module, class_name(checked.model.name))
+    model = cls({f: 7 for f in cls.SPARSE_FIELDS})
+    model.eval()
+    batch = {"sparse": torch.randint(0, 7, (3, len(cls.SPARSE_FIELDS))), "dense": torch.rand(3, len(cls.DENSE_FIELDS))}
+    out = model(batch)
+    assert set(out) == set(cls.OUTPUTS) and all(v.shape == (3,) for v in out.values())
+
+
+def test_the_architectures_mostly_check_clean() -> None:
+    """The property above tests something only if most drawn architectures pass `check`."""
+    from hypothesis import find
+
+    clean = find(architectures(), lambda t: check_text(t).ok and "levels" in t and "transfer" in t)
+    assert check_text(clean).ok
