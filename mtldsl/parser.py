@@ -13,13 +13,14 @@ import re
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedInput, VisitError
 
 from . import syntax as s
-from .diagnostics import Diagnostic, SourceFile, Span, did_you_mean, error
+from .diagnostics import Diagnostic, SourceFile, Span, error
 from .resources import grammar_text
 from .size import MAX_DIGITS
 from .sources import decode, locate
+from .syntax_errors import explain
 from .vocab import TaskKind
 
 
@@ -271,96 +272,13 @@ class _ToSyntax(Transformer):
         return str(c[0]) == "true", _span(c[0])
 
 
-# Human names for terminals in "expected ..." hints.
-_TOKEN_NAMES = {
-    "NAME": "a name", "STRING": "a string", "INT": "an integer", "FLOAT": "a number", "DOTTED": "a dotted name",
-    "BOOL": "true or false", "FLAG": "forward or backward",
-    "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "LPAR": "'('", "RPAR": "')'",
-    "COMMA": "','", "STAR": "'*'", "EQUAL": "'='", "__ANON_0": "'->'",
-}
-
-
-def _expected(names: set[str]) -> str:
-    words: list[str] = []
-    for name in sorted(names):
-        if name in _TOKEN_NAMES:
-            words.append(_TOKEN_NAMES[name])
-        elif name.isupper():
-            words.append(f"'{name.lower()}'")
-        else:
-            words.append(name)
-    words = sorted(set(words))
-    if len(words) > 8:
-        return "expected one of " + ", ".join(words[:8]) + ", …"
-    return "expected " + (" or ".join(words) if len(words) <= 2 else ", ".join(words[:-1]) + " or " + words[-1])
-
-
-# Known mistakes, keyed by the offending token text: a hint that beats the expected-token list.
-_KNOWN_MISTAKES = {
-    ",": "properties and route flags are separated by spaces, not commas",
-    ";": "statements end at the next keyword; no ';' is needed",
-    ":": "write `key value` without ':'",
-    "=": "write `key value` without '='",
-}
-
-
-def _accepted(exc: UnexpectedToken) -> set[str]:
-    """Terminals the parser accepts here. `exc.expected` may hold the whole LALR follow set of a
-    pending reduction (`')'`, `'->'`, ... after a name); feeding each terminal to a copy of the
-    parser gives the exact set."""
-    try:
-        return set(exc.interactive_parser.accepts()) - {"$END"} or set(exc.expected)
-    except Exception:  # no interactive parser (or lark changed): the coarse set is still a hint
-        return set(exc.expected)
-
-
-def _misspelled(token: str, expected: set[str]) -> str | None:
-    """`did you mean 'forward'?` when a name is close to a keyword the parser expected."""
-    words: list[str] = []
-    for name in expected:
-        if name == "FLAG":
-            words += ["forward", "backward"]
-        elif name == "BOOL":
-            words += ["true", "false"]
-        else:
-            pattern = next((t.pattern for t in _lark().terminals if t.name == name), None)
-            if pattern is not None and pattern.type == "str" and pattern.value.isidentifier():
-                words.append(pattern.value)
-    return did_you_mean(token, words) if token.isidentifier() else None
-
-
-def _eof_span(text: str) -> Span:
-    """Just after the last character that is not white space: where the missing text belongs."""
-    lines = text.rstrip().split("\n")
-    return Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-
-
-def _syntax_error(exc: UnexpectedInput, src: SourceFile) -> Diagnostic:
-    if isinstance(exc, UnexpectedCharacters):
-        char = src.text[exc.pos_in_stream] if exc.pos_in_stream < len(src.text) else ""
-        span = Span(exc.line, exc.column, exc.line, exc.column + 1)
-        if char == '"':
-            return error("unterminated string", span, "strings end on the same line with '\"'", src)
-        hint = _KNOWN_MISTAKES.get(char) or (_expected(set(exc.allowed)) if exc.allowed else None)
-        return error(f"unexpected character {char!r}", span, hint, src)
-    if isinstance(exc, UnexpectedToken):
-        tok = exc.token
-        if tok.type == "$END":
-            return error("unexpected end of file", _eof_span(src.text), _expected(_accepted(exc)), src)
-        span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + len(str(tok)))
-        expected = _accepted(exc)
-        hint = _KNOWN_MISTAKES.get(str(tok)) or _misspelled(str(tok), expected) or _expected(expected)
-        return error(f"unexpected {str(tok)!r}", span, hint, src)
-    return error(str(exc).splitlines()[0], Span(exc.line, exc.column, exc.line, exc.column + 1), None, src)
-
-
 def parse_text(text: str, path: str = "<spec>") -> s.Spec | list[Diagnostic]:
     """A Spec, or a one-element list with the first syntax error (LALR stops there)."""
     src = SourceFile(path, text)
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as exc:
-        return [_syntax_error(exc, src)]
+        return [explain(exc, src, _lark())]
     try:
         return _ToSyntax().transform(tree)
     except VisitError as exc:  # a literal the grammar let through but no value can be
