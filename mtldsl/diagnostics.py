@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import difflib
 import enum
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +160,46 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     return f"did you mean '{close[0]}'?" if close else None
 
 
-def sort_key(d: Diagnostic) -> tuple[int, int, str]:
-    return (d.span.line, d.span.column, d.message)
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural(text: str) -> tuple[object, ...]:
+    """`level 10` after `level 9`: numbers in a message compare as numbers."""
+    return tuple(int(p) if p.isdigit() else p for p in _DIGITS.split(text))
+
+
+def sort_key(d: Diagnostic) -> tuple[int, int, tuple[object, ...]]:
+    """Position order, then message order with numbers compared as numbers."""
+    return (d.span.line, d.span.column, _natural(d.message))
+
+
+def collapse(diagnostics: Sequence[Diagnostic]) -> list[Diagnostic]:
+    """Sorted, with a repeated diagnostic printed once (Note [Cascades]): the first of each set that differ
+    only in their numbers at one position, with the count of the others."""
+    groups: dict[tuple[object, ...], list[Diagnostic]] = {}
+    for d in sorted(diagnostics, key=sort_key):
+        key = (d.severity, d.span, _DIGITS.sub("#", d.message), _DIGITS.sub("#", d.hint or ""))
+        groups.setdefault(key, []).append(d)
+    out = []
+    for same in groups.values():
+        first = same[0]
+        if len(same) > 1:
+            first = replace(first, message=f"{first.message} (and {len(same) - 1} more like it here)")
+        out.append(first)
+    return sorted(out, key=sort_key)
 
 
 def render_all(diagnostics: Sequence[Diagnostic]) -> str:
-    return "\n".join(d.render() for d in sorted(diagnostics, key=sort_key))
+    return "\n".join(d.render() for d in collapse(diagnostics))
+
+
+# Note [Cascades]
+# ~~~~~~~~~~~~~~~
+# One mistake inside a repeated construct is found once per repetition: a `levels 32` block without a
+# shared gate lacks an input at each of levels 2..32, all at the same declaration. Diagnostics at one
+# position whose texts differ only in their numbers are one report: `collapse` keeps the first in
+# numeric order (`level 2`, not `level 10`, which sorts first as text) and says how many more there
+# are. pipeline.py collapses what a check finds, so the API's SpecError and the CLI print the same.
 
 
 class SpecError(Exception):

@@ -13,7 +13,7 @@ from pathlib import Path
 import networkx as nx
 
 from .catalog import Schema, schema_for
-from .diagnostics import NOWHERE, Diagnostic, SourceFile, SpecError, error, sort_key
+from .diagnostics import NOWHERE, Diagnostic, SourceFile, SpecError, collapse, error
 from .graph import build_graph
 from .ir import Model
 from .lower import DEFAULT_DATA, lower
@@ -46,7 +46,7 @@ class Checked:
 
 def _attach(diags: list[Diagnostic], src: SourceFile) -> tuple[Diagnostic, ...]:
     fixed = [d if d.source is not None else Diagnostic(d.severity, d.message, d.span, d.hint, src) for d in diags]
-    return tuple(sorted(fixed, key=sort_key))
+    return tuple(collapse(fixed))  # sorted, repeats once (Note [Cascades])
 
 
 def resolve_schema(spec: Spec, data_dir: str | None = None) -> tuple[Schema | None, list[Diagnostic]]:

@@ -98,3 +98,16 @@ def test_cli_reports_bad_bytes_with_exit_1(tmp_path: Path) -> None:
     result = runner.invoke(app, ["check", str(spec)])
     assert result.exit_code == 1 and f"{spec}:1:5: error: the file is not valid UTF-8" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_repeats_at_one_position_are_one_report_in_numeric_order() -> None:
+    """Note [Cascades]: texts that differ only in numbers, at one span, print once with a count."""
+    from mtldsl.diagnostics import collapse
+
+    here, there = Span(3, 1, 3, 5), Span(2, 1, 2, 5)
+    found = [error(f"level {k} has no input", here, f"see level {k - 1}") for k in (10, 100, 2, 1000, 101)]
+    found += [error("level 7 is odd", there), error("level 3 has no input", there)]
+    out = collapse(found)
+    assert [(d.span.line, d.message) for d in out] == [
+        (2, "level 3 has no input"), (2, "level 7 is odd"), (3, "level 2 has no input (and 4 more like it here)")]
+    assert out[2].hint == "see level 1"
