@@ -191,3 +191,66 @@ def test_the_architectures_mostly_check_clean() -> None:
 
     clean = find(architectures(), lambda t: check_text(t).ok and "levels" in t and "transfer" in t)
     assert check_text(clean).ok
+
+
+# ---- byte-level mutations: what a file on disk may hold --------------------------------------------
+
+SHIPPED_BYTES = [p.read_bytes() for p in sorted((ROOT / "specs").glob("*.mtl"))]
+# Bytes that break decoding or terminals: invalid UTF-8, a BOM, controls (ESC, BEL, NUL, C1 as UTF-8),
+# look-alikes, a bidi override, huge numbers.
+BYTE_SNIPPETS = [b"\x80", b"\xff", b"\xe9", b"\xc3", b"\xed\xa0\x80", b"\xef\xbb\xbf", b"\x1b]0;x\x07", b"\x1bP",
+                 b"\x00", b"\x07", b"\xc2\x9b", "\u0430".encode(), "\u202e".encode(), "\uff47".encode(), b"\r",
+                 b"\t", b"9" * 40, b"1e999", b"levels 100000000 {", b"count 99999", b"mlp []", b'"\\q"', b"where"]
+BYTES_PER_CASE_SECONDS = 20  # a hang detector, not a timing: a case takes milliseconds
+
+
+@st.composite
+def mutated_bytes(draw: st.DrawFn) -> bytes:
+    data = draw(st.sampled_from(SHIPPED_BYTES))
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["flip", "insert", "delete", "replace"]))
+        new = draw(st.sampled_from(BYTE_SNIPPETS) | st.binary(min_size=1, max_size=4))
+        if op == "flip" and i < len(data):
+            data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]
+        elif op == "insert":
+            data = data[:i] + new + data[i:]
+        elif op == "delete":
+            data = data[:i] + data[i + draw(st.integers(1, 30)):]
+        else:
+            data = data[:i] + new + data[i + len(new):]
+    return data
+
+
+class _Hang(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _Hang(f"a case ran for {BYTES_PER_CASE_SECONDS} s")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(mutated_bytes())
+def test_mutated_bytes_give_a_spec_or_diagnostics(data: bytes) -> None:
+    """Issue 9, acceptance: any bytes give a checked spec or diagnostics, never a traceback or a hang; a spec
+    that checks clean compiles; every diagnostic prints without a control character."""
+    import signal
+    import unicodedata
+
+    import mtldsl
+    from mtldsl.pipeline import check_bytes
+
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, BYTES_PER_CASE_SECONDS)
+    try:
+        checked = check_bytes(data, "specs/mutated.mtl")
+        assert_sound(checked.source.text, checked)
+        out = render_all(checked.diagnostics)
+        assert not [c for c in out if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+        assert checked.ok or checked.errors
+        if checked.ok:
+            ast.parse(mtldsl.compile_spec(checked))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
