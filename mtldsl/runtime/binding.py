@@ -42,11 +42,16 @@ class Prepared:
 def spec_input(spec: str | Path | Checked) -> tuple[str, str]:
     if isinstance(spec, Checked):
         return spec.source.text, spec.source.path
-    path = Path(spec)
+    from ..sources import SpecNotFound, decode, locate
+
     try:
-        return path.read_text(encoding="utf-8"), str(spec)
-    except FileNotFoundError:
-        raise ConfigError(f"{spec}: no such spec file") from None
+        found = locate(spec)  # a file, or a packaged spec by bare name
+    except SpecNotFound as e:
+        raise ConfigError(f"{spec}: {e.problem}") from None
+    src, problem = decode(found.data, found.path)
+    if problem is not None:
+        raise SpecError([problem])
+    return src.text, found.path
 
 
 def _check_against(text: str, path: str, schema: Any) -> Checked:
