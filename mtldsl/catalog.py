@@ -572,10 +572,12 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
                 f"name them with --labels or in {folder / SCHEMA_FILE}"
             )
     user_id = next((c for c in header if c.lower() in KNOWN_GROUP_IDS), None)
+    lists, list_weights = _parquet_lists(path) if path.suffix == ".parquet" else ((), {})
+    listed = {*lists, *list_weights.values()}
     sparse: list[str] = []
     dense: list[str] = []
     for j, col in enumerate(header):
-        if col in label_cols:
+        if col in label_cols or col in listed:
             continue
         values = [r[j] for r in sample if j < len(r)]
         kind = _column_kind(values) if values else "int"
@@ -593,7 +595,34 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
         dense=tuple(dense),
         groups=groups,
         user_id=user_id,
+        lists=lists,
+        list_weights=list_weights,
     )
+
+
+WEIGHT_SUFFIXES = ("_w", "_weight", "_weights")  # `<field><suffix>`: the weights of list field <field>
+
+
+def _parquet_lists(path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The list fields of a Parquet file (list<integer> columns) and their weights: a list<float> column named
+    `<field>_w`, `<field>_weight` or `<field>_weights` (Note [List columns] in runtime/store.py)."""
+    import pyarrow as pa  # lazy, as in _read_sample
+    import pyarrow.parquet as pq
+
+    types = {f.name: f.type for f in pq.ParquetFile(path).schema_arrow}
+    kinds = {c: t.value_type for c, t in types.items()
+             if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)}
+    lists = tuple(c for c, v in kinds.items() if pa.types.is_integer(v))
+    weights: dict[str, str] = {}
+    for col, v in kinds.items():
+        if col in lists:
+            continue
+        owner = next((col[:-len(x)] for x in WEIGHT_SUFFIXES if col.endswith(x) and col[:-len(x)] in lists), None)
+        if not pa.types.is_floating(v) or owner is None or owner in weights:
+            raise DataError(f"{path}: column '{col}' holds lists of {v}: a list column is a list field (list<int>) or "
+                            f"its weights (list<float> named '<field>_w'); say which in {path.parent / SCHEMA_FILE}")
+        weights[owner] = col
+    return lists, weights
 
 
 def named(source: str) -> str | None:
