@@ -454,11 +454,6 @@ class Split:
         def mv(c: Column) -> Tensor:
             return _tensor(self._rows_of(c, 0, len(self))).to(device)
 
-        def mv_list(lc: ListColumn) -> ListColumn:
-            b = self._bags_of(lc, 0, len(self))
-            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(b.lengths, 0)])
-            return ListColumn(b.ids.to(device), offsets.to(device), None if b.weights is None else b.weights.to(device))
-
         return Split(
             sparse_cols={k: mv(c) for k, c in self.sparse_cols.items()},
             dense_cols={k: mv(c) for k, c in self.dense_cols.items()},
@@ -466,8 +461,16 @@ class Split:
             group_col=None if self.group_col is None else mv(self.group_col),
             products=self.products,
             truth_cols=self.truth_cols,
-            list_cols={f: mv_list(lc) for f, lc in self.list_cols.items()},
+            list_cols=self.moved_lists(device),
         )
+
+    def moved_lists(self, device: torch.device | str) -> dict[str, ListColumn]:
+        """The split's rows of each list field as CSR tensors on `device` (what `to` moves)."""
+        out = {}
+        for f in self.list_cols:
+            offsets, ids, weights = self.bags(f)
+            out[f] = ListColumn(ids.to(device), offsets.to(device), None if weights is None else weights.to(device))
+        return out
 
     # Whole columns, materialised: for tests, tools and small data; training and evaluation never call these.
 

@@ -320,7 +320,8 @@ def _flat(path: Path, col: str, a: object, base: int, ok: Callable[[object], boo
 
     t = a.type  # type: ignore[attr-defined]
     if not _is_list(t) or not (ok(t.value_type) or pa.types.is_null(t.value_type)):
-        raise fail(path, col, base + _first_valid(a), f"expected {what}, got a Parquet column of type {t}")
+        shown = f"list<{t.value_type}>" if _is_list(t) else str(t)
+        raise fail(path, col, base + _first_valid(a), f"expected {what}, got a Parquet column of type {shown}")
     if a.null_count:  # type: ignore[attr-defined]
         i = int(np.argmax(~np.asarray(a.is_valid())))  # type: ignore[attr-defined]
         raise fail(path, col, base + i, "missing list (write an empty list for a row without ids)")
