@@ -246,3 +246,40 @@ def test_evaluating_other_data_refuses_list_ids_beyond_the_trained_vocabulary(tm
     with pytest.raises(DataError) as e:
         trainer.evaluate(result.run_dir, data=str(other))
     assert "column 'tags', row 7: id 99 is outside the model's vocabulary" in str(e.value)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_reading_list_fields_keeps_their_ids_off_the_heap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading every batch of a stored split with lists holds a window of ids (Note [List batches]), not the split's."""
+    n, per_row = 400_000, 12
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 2 * per_row + 1, n)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    total = int(lengths.sum())
+    table = pa.table({"click": rng.integers(0, 2, n, dtype=np.int8), "row": np.arange(n, dtype=np.int32),
+                      "xs": pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, 50_000, total, dtype=np.int32))),
+                      "xs_w": pa.ListArray.from_arrays(offsets, pa.array(rng.random(total, dtype=np.float32))),
+                      "ys": pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, 100, total, dtype=np.int32)))})
+    folder = _folder(tmp_path / "big", table, table.slice(0, 1000), row_group_size=100_000)
+    del table, offsets
+    load_dataset(str(folder))  # builds the store (bounded by CHUNK_ROWS; not measured here)
+    monkeypatch.setattr(data_mod, "BLOCK_ROWS", 1 << 12)
+    monkeypatch.setattr(data_mod, "WINDOW_BLOCKS", 4)
+    before = _rss()
+    ds = load_dataset(str(folder))
+    peak = seen = ids = 0
+    for batch in ds.train.batches(4096, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        seen += len(batch["sparse"])
+        ids += len(batch["xs.ids"])
+        peak = max(peak, _rss() - before)
+    assert seen == len(ds.train) and ids == int(ds.train.bags("xs")[0][-1])
+    resident = ids * (8 + 4 + 8) + seen * 16  # the split's ids and weights as batch tensors: ~100 MB
+    assert peak < resident / 4, (peak, resident)

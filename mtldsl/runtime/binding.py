@@ -22,7 +22,7 @@ from .config import ConfigError
 from .objective import Objective
 
 __all__ = ["DEVICE_DATA_SHARE", "Prepared", "check_columns", "check_spec", "check_vocab", "data_fits", "instantiate",
-           "list_fields", "prepare", "spec_input", "vocab_sizes"]
+           "list_fields", "prepare", "spec_input", "unread_lists", "vocab_sizes"]
 
 DEVICE_DATA_SHARE = 0.5  # splits move to an accelerator whole up to this share of its free memory, else stream
 
@@ -166,9 +166,23 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     module = load_module(source, f"mtldsl_{spec.model.name}")
     cls = getattr(module, class_name(spec.model.name))
     check_columns(cls, dataset, dataset.source)
+    unread = unread_lists(cls, dataset.schema)
+    if unread:
+        dataset.notes = (*dataset.notes, unread)
     splits = _place({name: _cut(dataset.split(name), cls, objective)
                      for name in ("train", "val", "test")}, device)
     return Prepared(spec, objective, source, cls, dataset, splits)
+
+
+def unread_lists(cls: type, schema: Any) -> str | None:
+    """A notice when the data has list fields the model does not read (Note [Ali-CCP lists]), else None."""
+    unread = [f for f in schema.lists if f not in list_fields(cls)]
+    if not unread:
+        return None
+    return (f"data: the model reads none of the list field(s) {', '.join(unread)} (`fields all` is the single-valued "
+            "fields; Note [Ali-CCP lists]): a table such as `embedding beh shared { dim 16  fields lists  pool sum }` "
+            "reads them" + (", or `mtldsl data prepare ali_ccp --last-entry` keeps each list's last id as a "
+                            "single-valued field" if schema.name == "ali_ccp" else ""))
 
 
 def instantiate(cls: type, vocab: Mapping[str, int], seed: int, device: torch.device,

@@ -581,7 +581,7 @@ def load_dataset(
         return _load_synthetic(SYNTHETIC_ROWS if rows is None else rows, seed)
     if key is not None:
         info = KNOWN_DATASETS[key]
-        schema = schema_for(key, labels=labels)  # fixed; rejects a labels override
+        schema = schema_for(key, data_dir, labels=labels)  # fixed (Note [Ali-CCP lists]); rejects a labels override
         folder = resolve_folder(key, data_dir)
         prefix: str | None = info.file_prefix
     else:
