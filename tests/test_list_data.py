@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from list_data import VOCAB, shop_folder, shop_spec, shop_table
+from list_data import shop_folder, shop_spec, shop_table
+from test_store import _rss
 
-from mtldsl import catalog
 from mtldsl.catalog import DataError, infer_schema, schema_for
 from mtldsl.runtime import data as data_mod
 from mtldsl.runtime import store
@@ -246,14 +246,6 @@ def test_evaluating_other_data_refuses_list_ids_beyond_the_trained_vocabulary(tm
     with pytest.raises(DataError) as e:
         trainer.evaluate(result.run_dir, data=str(other))
     assert "column 'tags', row 7: id 99 is outside the model's vocabulary" in str(e.value)
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
