@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from list_data import shop_folder, shop_spec, shop_table
-from test_store import _rss
+from test_store import _rss, assert_resume_is_exact
 
 from mtldsl.catalog import DataError, infer_schema, schema_for
 from mtldsl.runtime import data as data_mod
@@ -275,3 +275,13 @@ def test_reading_list_fields_keeps_their_ids_off_the_heap(tmp_path: Path, monkey
     assert seen == len(ds.train) and ids == int(ds.train.bags("xs")[0][-1])
     resident = ids * (8 + 4 + 8) + seen * 16  # the split's ids and weights as batch tensors: ~100 MB
     assert peak < resident / 4, (peak, resident)
+
+
+def test_resume_mid_epoch_with_lists_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Resume] through Note [List batches]: small windows, a held-out val, killed mid epoch, resumed."""
+    monkeypatch.setattr(data_mod, "BLOCK_ROWS", 64)
+    monkeypatch.setattr(data_mod, "WINDOW_BLOCKS", 3)
+    folder = shop_folder(tmp_path / "data", {"train": 900, "test": 100})  # no val file: val is an index
+    spec = shop_spec(folder, tmp_path)
+    kw = dict(epochs=2, seed=5, batch_size=50, checkpoint_every=4, progress=False, device="cpu")
+    assert_resume_is_exact(spec, kw, tmp_path, monkeypatch, at=6)  # mid epoch 2 (17 batches), windows in
