@@ -6,8 +6,8 @@ other source is a folder path whose schema comes from `schema.json` or is inferr
 when the folder is writable). A folder's files are converted once into the on-disk column store
 (store.py, Note [Column store]), checking every value: bad data raises DataError naming the file, column
 and 1-based data row, never a pandas traceback. A `Split` holds its columns (stored files or in-memory
-arrays) and yields batches gathered from a window of rows at a time (Note [Block shuffle]), so a split
-is never resident whole.
+arrays) and yields batches gathered from a window of rows at a time (Note [Block shuffle]), list fields
+included (Note [List batches]), so a split is never resident whole.
 """
 
 from __future__ import annotations
@@ -339,7 +339,8 @@ class Split:
 
     def _load(self, window: _Window) -> dict[str, Tensor]:
         """The window's rows as one row-major matrix per kind ("s", "d", "l": columns in order, in their common
-        narrow dtype) and the group vector ("g"), so a batch is one row gather per kind."""
+        narrow dtype) and the group vector ("g"), so a batch is one row gather per kind; its list fields go to
+        `window.lists` (Note [List batches])."""
         if window.rows is None:
             def rows(c: Column) -> np.ndarray | Tensor:
                 return _cat([self._rows_of(c, a, b) for a, b in window.ranges])
@@ -382,7 +383,8 @@ class Split:
 
     def gather(self, pieces: list[Piece]) -> dict[str, Tensor | dict[str, Tensor] | None]:
         """One batch: {"sparse" (B, F) int64, "dense" (B, D) float32, "labels": {name: (B,) float32}, "groups"
-        (B,) int64 or None} of the rows in `pieces` (epoch_chunks), on the batch device."""
+        (B,) int64 or None, and per list field "<f>.ids", "<f>.offsets" (+ "<f>.weights"): Note [List batches]}
+        of the rows in `pieces` (epoch_chunks), on the batch device."""
         parts: dict[str, list[np.ndarray | Tensor]] = {}
         bags: dict[str, list[_Bags]] = {f: [] for f in self.list_cols}
         for window, pos in pieces:
