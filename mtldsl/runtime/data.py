@@ -6,8 +6,8 @@ other source is a folder path whose schema comes from `schema.json` or is inferr
 when the folder is writable). A folder's files are converted once into the on-disk column store
 (store.py, Note [Column store]), checking every value: bad data raises DataError naming the file, column
 and 1-based data row, never a pandas traceback. A `Split` holds its columns (stored files or in-memory
-arrays) and yields batches gathered from a window of rows at a time (Note [Block shuffle]), so a split
-is never resident whole.
+arrays) and yields batches gathered from a window of rows at a time (Note [Block shuffle]), list fields
+included (Note [List batches]), so a split is never resident whole.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from mtldsl.catalog import (
 )
 
 from . import synthetic
-from .store import ColumnFile, Stored, cache_root, fail, fmt, narrow_id_dtype, open_store
+from .store import ColumnFile, ListColumn, Stored, cache_root, fail, fmt, narrow_id_dtype, open_store
 from .synthetic import SYNTHETIC_ROWS, generate, split_sizes, synthetic_truth
 
 __all__ = [
@@ -98,6 +98,7 @@ class _Window:
     ranges: list[tuple[int, int]]
     perm: Tensor | None  # int64, positions in the window
     rows: dict[str, Tensor] | None = None
+    lists: dict[str, _Bags] | None = None  # per list field: the window's rows of it (Note [List batches])
 
     def __len__(self) -> int:
         return sum(b - a for a, b in self.ranges)
@@ -107,6 +108,54 @@ class _Window:
 
 
 Piece = tuple[_Window, "Tensor | slice"]
+
+
+# Note [List batches]
+# A list field is read like the other columns, a window at a time: for the window's blocks, its offsets
+# and then the ids (and weights) between the first and last offset, one positioned read each (Note
+# [Column store]), kept as `_Bags`: per row its length and where its ids start among the window's ids.
+# A batch takes, for its rows in the epoch's order, their lengths and starts, gathers their ids with one
+# index (`_ragged`: position = a run of consecutive indices per row), and rebases the offsets to the batch
+# (the exclusive cumulative sum of the lengths, so the first is 0), as Note [List fields] in
+# runtime/layers.py wants: batch["<f>.ids"], ["<f>.offsets"] and, for a weighted field, ["<f>.weights"].
+# Rows follow the same order as the single-valued columns, so row i of the batch is list i of each field.
+# A window holds its rows' ids whole: its memory grows with the lists' lengths, not with the split.
+
+
+@dataclass
+class _Bags:
+    """Rows of one list field: per row its length and first position in `ids`; `weights` aligned with `ids`."""
+
+    lengths: Tensor  # int64 (rows,)
+    starts: Tensor  # int64 (rows,)
+    ids: Tensor
+    weights: Tensor | None
+
+    @classmethod
+    def of(cls, lengths: Tensor, ids: Tensor, weights: Tensor | None) -> _Bags:
+        return cls(lengths, torch.cumsum(lengths, 0) - lengths, ids, weights)
+
+    def take(self, pos: Tensor | slice) -> _Bags:
+        """The rows at `pos`, their ids gathered (starts then index the new ids)."""
+        lengths = self.lengths[pos] if isinstance(pos, slice) else self.lengths.index_select(0, pos.to(self.lengths.device))
+        starts = self.starts[pos] if isinstance(pos, slice) else self.starts.index_select(0, pos.to(self.starts.device))
+        at = _ragged(starts, lengths)
+        return _Bags.of(lengths, self.ids[at], None if self.weights is None else self.weights[at])
+
+
+def _ragged(starts: Tensor, lengths: Tensor) -> Tensor:
+    """The positions starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 of every row i, concatenated."""
+    total = int(lengths.sum())
+    ends = torch.cumsum(lengths, 0)
+    shift = torch.repeat_interleave(starts - (ends - lengths), lengths, output_size=total)
+    return torch.arange(total, device=starts.device) + shift
+
+
+def _cat_bags(parts: list[_Bags]) -> _Bags:
+    if len(parts) == 1:
+        return parts[0]
+    weights = None if parts[0].weights is None else torch.cat([p.weights for p in parts])  # type: ignore[misc]
+    return _Bags.of(torch.cat([p.lengths for p in parts]), torch.cat([p.ids for p in parts]), weights)
 
 
 def _windows(n: int, generator: torch.Generator | None) -> Iterator[_Window]:
@@ -223,6 +272,7 @@ class Split:
     products: dict[str, tuple[str, ...]] | None = None
     truth_cols: dict[str, np.ndarray] | None = field(default=None, repr=False)  # synthetic only: synthetic_truth
     stream_to: torch.device | None = None  # rows stay here, batches go there (Note [Streamed batches])
+    list_cols: dict[str, ListColumn] = field(default_factory=dict)  # list fields as CSR (Note [List batches])
 
     @classmethod
     def from_tensors(cls, sparse: Tensor, dense: Tensor, labels: Mapping[str, Tensor], groups: Tensor | None,
@@ -258,8 +308,11 @@ class Split:
     def nbytes(self) -> int:
         """Bytes of the rows' columns (what moving the split to a device would take there)."""
         n = len(self)
-        return sum(n * (c.dtype.itemsize if isinstance(c, (np.ndarray, ColumnFile)) else c.element_size())
+        rows = sum(n * (c.dtype.itemsize if isinstance(c, (np.ndarray, ColumnFile)) else c.element_size())
                    for c in self._columns().values())
+        parts = [p for lc in self.list_cols.values() for p in (lc.ids, lc.offsets, lc.weights) if p is not None]
+        return rows + sum(p.nbytes if isinstance(p, (np.ndarray, ColumnFile)) else p.numel() * p.element_size()
+                          for p in parts)
 
     def _rows_of(self, col: Column, a: int, b: int) -> np.ndarray | Tensor:
         """Rows [a, b) of the split (not of the column) from one column."""
@@ -271,9 +324,23 @@ class Split:
         lo, hi = int(rows.min()), int(rows.max()) + 1
         return _take(_read(col, lo, hi), rows - lo)
 
+    def _bags_of(self, lc: ListColumn, a: int, b: int) -> _Bags:
+        """Rows [a, b) of the split from one list field (Note [List batches])."""
+        if self.index is None:
+            off = _tensor(_read(lc.offsets, a, b + 1)).to(torch.int64)
+            lo, hi = int(off[0]), int(off[-1])
+            weights = None if lc.weights is None else _tensor(_read(lc.weights, lo, hi))
+            return _Bags.of(off[1:] - off[:-1], _tensor(_read(lc.ids, lo, hi)), weights)
+        rows = self.index[a:b]
+        r0 = int(rows.min()) if len(rows) else 0
+        r1 = int(rows.max()) + 1 if len(rows) else 0
+        whole = replace(self, index=None)._bags_of(lc, r0, r1)
+        return whole.take(torch.from_numpy(np.ascontiguousarray(rows - r0, dtype=np.int64)))
+
     def _load(self, window: _Window) -> dict[str, Tensor]:
         """The window's rows as one row-major matrix per kind ("s", "d", "l": columns in order, in their common
-        narrow dtype) and the group vector ("g"), so a batch is one row gather per kind."""
+        narrow dtype) and the group vector ("g"), so a batch is one row gather per kind; its list fields go to
+        `window.lists` (Note [List batches])."""
         if window.rows is None:
             def rows(c: Column) -> np.ndarray | Tensor:
                 return _cat([self._rows_of(c, a, b) for a, b in window.ranges])
@@ -282,6 +349,8 @@ class Split:
                            for kind, cols in (("s", self.sparse_cols), ("d", self.dense_cols), ("l", self.label_cols))}
             if self.group_col is not None:
                 window.rows["g"] = _tensor(rows(self.group_col))
+            window.lists = {f: _cat_bags([self._bags_of(lc, a, b) for a, b in window.ranges])
+                            for f, lc in self.list_cols.items()}
         return window.rows
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, like: np.ndarray | Tensor) -> Tensor:
@@ -314,11 +383,15 @@ class Split:
 
     def gather(self, pieces: list[Piece]) -> dict[str, Tensor | dict[str, Tensor] | None]:
         """One batch: {"sparse" (B, F) int64, "dense" (B, D) float32, "labels": {name: (B,) float32}, "groups"
-        (B,) int64 or None} of the rows in `pieces` (epoch_chunks), on the batch device."""
+        (B,) int64 or None, and per list field "<f>.ids", "<f>.offsets" (+ "<f>.weights"): Note [List batches]}
+        of the rows in `pieces` (epoch_chunks), on the batch device."""
         parts: dict[str, list[np.ndarray | Tensor]] = {}
+        bags: dict[str, list[_Bags]] = {f: [] for f in self.list_cols}
         for window, pos in pieces:
             for k, v in self._load(window).items():
                 parts.setdefault(k, []).append(_take(v, pos))
+            for f, b in (window.lists or {}).items():
+                bags[f].append(b.take(pos))
         rows = {k: _cat(v) for k, v in parts.items()}
 
         def convert(a: np.ndarray | Tensor, dtype: torch.dtype) -> Tensor:
@@ -327,12 +400,19 @@ class Split:
 
         raw = convert(rows["l"], torch.float32)
         labels = self._products({k: raw[:, j] for j, k in enumerate(self.label_cols)})
-        return {
+        batch = {
             "sparse": self._deliver(convert(rows["s"], torch.int64)),
             "dense": self._deliver(convert(rows["d"], torch.float32)),
             "labels": {k: self._deliver(v.contiguous()) for k, v in labels.items()},
             "groups": None if self.group_col is None else self._deliver(convert(rows["g"], torch.int64)),
         }
+        for f, b in bags.items():  # Note [List batches]: offsets rebased to the batch
+            got = _cat_bags(b)
+            batch[f"{f}.ids"] = self._deliver(convert(got.ids, torch.int64))
+            batch[f"{f}.offsets"] = self._deliver(convert(got.starts, torch.int64))
+            if got.weights is not None:
+                batch[f"{f}.weights"] = self._deliver(convert(got.weights, torch.float32))
+        return batch
 
     def batches(
         self,
@@ -383,7 +463,16 @@ class Split:
             group_col=None if self.group_col is None else mv(self.group_col),
             products=self.products,
             truth_cols=self.truth_cols,
+            list_cols=self.moved_lists(device),
         )
+
+    def moved_lists(self, device: torch.device | str) -> dict[str, ListColumn]:
+        """The split's rows of each list field as CSR tensors on `device` (what `to` moves)."""
+        out = {}
+        for f in self.list_cols:
+            offsets, ids, weights = self.bags(f)
+            out[f] = ListColumn(ids.to(device), offsets.to(device), None if weights is None else weights.to(device))
+        return out
 
     # Whole columns, materialised: for tests, tools and small data; training and evaluation never call these.
 
@@ -428,8 +517,22 @@ class Split:
         for a in range(0, len(self), SCAN_ROWS):
             yield a, self._rows_of(col, a, min(len(self), a + SCAN_ROWS))
 
+    def bags(self, field_name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A list field of the whole split (see above): offsets (N + 1,) int64, ids, weights or None."""
+        b = self._bags_of(self.list_cols[field_name], 0, len(self))
+        return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(b.lengths.cpu(), 0)]), b.ids, b.weights
+
     def first_at_least(self, field_name: str, size: int) -> tuple[int, int] | None:
-        """(0-based row, id) of the first id >= size in sparse column `field_name`; None when there is none."""
+        """(0-based row, id) of the first id >= size in sparse or list column `field_name`; None when there is none."""
+        if field_name in self.list_cols:
+            for a in range(0, len(self), SCAN_ROWS):
+                b = self._bags_of(self.list_cols[field_name], a, min(len(self), a + SCAN_ROWS))
+                over = (b.ids >= size).cpu()
+                if bool(over.any()):
+                    k = int(torch.argmax(over.to(torch.uint8)))
+                    row = int(torch.searchsorted(torch.cumsum(b.lengths.cpu(), 0), k, right=True))
+                    return a + row, int(b.ids[k])
+            return None
         for a, values in self.scan(self.sparse_cols[field_name]):
             over = values >= size
             if bool(over.any()):
@@ -480,7 +583,7 @@ def load_dataset(
         return _load_synthetic(SYNTHETIC_ROWS if rows is None else rows, seed)
     if key is not None:
         info = KNOWN_DATASETS[key]
-        schema = schema_for(key, labels=labels)  # fixed; rejects a labels override
+        schema = schema_for(key, data_dir, labels=labels)  # fixed (Note [Ali-CCP lists]); rejects a labels override
         folder = resolve_folder(key, data_dir)
         prefix: str | None = info.file_prefix
     else:
@@ -513,7 +616,7 @@ def _save_schema(folder: Path, schema: Schema) -> None:
 
 def _stored_split(st: Stored) -> Split:
     return Split(sparse_cols=dict(st.sparse), dense_cols=dict(st.dense), label_cols=dict(st.labels),
-                 group_col=st.groups)
+                 group_col=st.groups, list_cols=dict(st.lists))
 
 
 def _check_binary(st: Stored, split: Split, binary: tuple[str, ...]) -> None:
@@ -572,10 +675,11 @@ def _load_folder(
 
 def _vocab_sizes(schema: Schema, stored: Mapping[str, Stored], splits: Mapping[str, Split]) -> dict[str, int]:
     """max id + 1 over all splits; with declared sizes (schema.json), an id beyond them is a DataError."""
-    computed = {col: max(st.max_ids[col] for st in stored.values()) + 1 for col in schema.sparse}
+    fields = (*schema.sparse, *schema.lists)
+    computed = {col: max(st.max_ids[col] for st in stored.values()) + 1 for col in fields}
     if schema.vocab_sizes is None:
         return computed
-    for col in schema.sparse:
+    for col in fields:
         size = schema.vocab_sizes[col]
         if computed[col] > size:
             for name, st in stored.items():
