@@ -8,10 +8,12 @@ cannot be read or is invalid; the other commands exit 1 on an expected failure, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from .app import app
+from .run import _run
 
 
 def _checked_or_exit(spec: Path, code: int):  # type: ignore[no-untyped-def]
@@ -40,3 +42,54 @@ def diff_cmd(
     changes = diff_checked(ca, cb)
     typer.echo(format_changes(ca, cb, changes))
     raise typer.Exit(1 if changes else 0)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        typer.echo(f"error: --seeds {text!r}: expected distinct integers separated by commas, e.g. 0,1,2", err=True)
+        raise typer.Exit(1)
+    return seeds
+
+
+@app.command("compare")
+def compare_cmd(
+    specs: list[Path] = typer.Argument(..., help="Spec files to compare (the first is the default baseline)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset name or folder (default: each spec's `data`)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where named datasets live."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Training seeds, comma-separated."),
+    rows: Optional[int] = typer.Option(None, "--rows", help="Synthetic: total rows; folders: a cap per file."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: each spec's)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="The spec (path or label) others are paired with."),
+    sets: list[str] = typer.Option([], "--set", help="NAME.PROP=V1,V2: variants over a declaration's property "
+                                   "(repeat for a grid), e.g. experts_shared.count=1,2 or g.experts[other]=forward,off."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder of the runs and the comparison files."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Train every spec (and --set variant) over the seeds, then write comparison.md/.csv/.json/.png."""
+    from ..workbench.variants import SetError, parse_set
+
+    seed_list = _seeds(seeds)
+
+    def go() -> None:
+        from ..workbench.compare import CompareError, plan, run_all, summarise
+        from ..workbench.report import markdown, write_comparison
+
+        try:
+            entries, base = plan(specs, [parse_set(t) for t in sets], baseline, data)
+            options = {"data": data, "data_dir": data_dir, "rows": rows, "epochs": epochs, "device": device}
+            runs = run_all(entries, seed_list, out, options, progress=not no_progress,
+                           log=None if no_progress else lambda m: typer.echo(m, err=True))
+            comp = summarise(entries, base, seed_list, runs)
+        except (CompareError, SetError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        written = write_comparison(comp, out)
+        typer.echo(markdown(comp))
+        typer.echo("written: " + ", ".join(map(str, written)))
+
+    _run(go)
