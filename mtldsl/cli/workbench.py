@@ -7,8 +7,9 @@ cannot be read or is invalid; the other commands exit 1 on an expected failure, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -42,6 +43,16 @@ def diff_cmd(
     changes = diff_checked(ca, cb)
     typer.echo(format_changes(ca, cb, changes))
     raise typer.Exit(1 if changes else 0)
+
+
+def _fail(error: Exception) -> NoReturn:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(1) from None
+
+
+def _show(report: str, written: Sequence[Path]) -> None:
+    typer.echo(report)
+    typer.echo("written: " + ", ".join(map(str, written)))
 
 
 def _seeds(text: str) -> list[int]:
@@ -86,10 +97,37 @@ def compare_cmd(
                            log=None if no_progress else lambda m: typer.echo(m, err=True))
             comp = summarise(entries, base, seed_list, runs)
         except (CompareError, SetError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-        written = write_comparison(comp, out)
-        typer.echo(markdown(comp))
-        typer.echo("written: " + ", ".join(map(str, written)))
+            _fail(e)
+        _show(markdown(comp), write_comparison(comp, out))
+
+    _run(go)
+
+
+@app.command("analyze")
+def analyze_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders to analyse (same dataset)."),
+    single: list[Path] = typer.Option([], "--single", help="A single-task run per task (repeat); missing ones are "
+                                      "trained from the first run's tasks with its settings."),
+    k: int = typer.Option(3, "--k", help="Bucket difference that makes a subset overwhelming (Note [STEM subsets])."),
+    out: Path = typer.Option(Path("runs/analysis"), "--out", help="Folder of analysis.md/.json, plots, single runs."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """STEM subsets, gate mass, gradient conflict and per-task embedding distances of trained runs."""
+    for d in [*run_dirs, *single]:
+        if not (d / "metrics.json").is_file():
+            typer.echo(f"error: {d}: not a finished run folder (no metrics.json)", err=True)
+            raise typer.Exit(1)
+
+    def go() -> None:
+        from ..workbench.analyze import analyze
+        from ..workbench.analyze_report import analysis_markdown, write_analysis
+        from ..workbench.singles import AnalyzeError, single_runs
+
+        try:
+            singles = single_runs(run_dirs[0], single, out, progress=not no_progress)
+            result = analyze(run_dirs, singles, k)
+        except AnalyzeError as e:
+            _fail(e)
+        _show(analysis_markdown(result), write_analysis(result, out))
 
     _run(go)
