@@ -138,3 +138,38 @@ def test_bad_inputs_are_one_line(trained: dict[str, Path], tmp_path: Path) -> No
     result = runner.invoke(app, ["analyze", str(trained["stem"]), "--k", "12", "--out", str(tmp_path / "o"),
                                  "--single", str(trained["stem"])])
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_log_conflict_records_cosines_and_changes_nothing_else(tmp_path: Path, monkeypatch) -> None:
+    import mtldsl.runtime.loop as loop
+    from mtldsl.workbench.analyze import conflict_summary
+
+    def never(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise AssertionError("per-task gradients computed without --log-conflict")
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "gradient_cosines", never)
+        plain = train(SPECS / "stem.mtl", out=tmp_path / "plain", rows=1500, epochs=2, progress=False)
+    logged = train(SPECS / "stem.mtl", out=tmp_path / "logged", rows=1500, epochs=2, log_conflict=1, progress=False)
+    assert not (tmp_path / "plain" / "conflict.csv").exists()
+    assert logged.metrics["tasks"] == plain.metrics["tasks"]  # recording does not change training
+    lines = (tmp_path / "logged" / "conflict.csv").read_text().splitlines()
+    steps = logged.metrics["train"]["steps"]
+    assert lines[0] == "step,epoch,ctr/cvr" and len(lines) == 1 + steps
+    values = [float(line.split(",")[2]) for line in lines[1:]]
+    assert all(-1.0 <= v <= 1.0 for v in values)
+    history = (tmp_path / "logged" / "history.csv").read_text().splitlines()
+    assert "conflict_ctr/cvr" in history[0].split(",")
+    assert (tmp_path / "logged" / "conflict.png").stat().st_size > 0
+    (summary,) = conflict_summary(tmp_path / "logged", "stem")
+    assert summary["records"] == steps and summary["mean"] == pytest.approx(sum(values) / len(values))
+
+
+def test_gradient_cosines_of_known_gradients() -> None:
+    from mtldsl.runtime.conflict import gradient_cosines
+
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    losses = {"a": (w * torch.tensor([1.0, 0.0])).sum(), "b": (w * torch.tensor([-1.0, 0.0])).sum(),
+              "c": (w * torch.tensor([0.0, 3.0])).sum()}
+    got = gradient_cosines(losses, [w])
+    assert got == pytest.approx({"a/b": -1.0, "a/c": 0.0, "b/c": 0.0})

@@ -196,6 +196,26 @@ def _pair_rows(pair: tuple[str, str], masks: dict[str, np.ndarray], scored: Sequ
     return rows
 
 
+def conflict_summary(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    """Per task pair of a run trained with --log-conflict: mean, min, max and last cosine, and the records."""
+    import csv
+
+    from ..runtime.conflict import CONFLICT_CSV
+
+    path = run_dir / CONFLICT_CSV
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        records = list(csv.DictReader(f))
+    rows = []
+    for pair in [k for k in (records[0] if records else {}) if k not in ("step", "epoch")]:
+        vals = [float(r[pair]) for r in records if r[pair] not in ("", "nan")]
+        if vals:
+            rows.append({"run": name, "pair": pair, "mean": float(np.mean(vals)), "min": min(vals), "max": max(vals),
+                         "last": vals[-1], "records": len(vals)})
+    return rows
+
+
 def _run_name(run_dir: Path, all_dirs: Sequence[Path]) -> str:
     """The folder's name; with its parent's when that is ambiguous (compare's `<entry>/seed<k>`); else the path."""
     for name in (run_dir.name, f"{run_dir.parent.name}/{run_dir.name}"):
@@ -231,4 +251,5 @@ def analyze(run_dirs: Sequence[Path], singles: dict[str, Path], k: int = 3) -> A
                 for gate, mass in _mass(s, mask).items():
                     result.gate_mass.append({"run": s.name, "gate": gate, "pair": pair, "subset": subset, **mass})
         result.embeddings += table_distances(s.run_dir, s.name)
+        result.conflict += conflict_summary(s.run_dir, s.name)
     return result
