@@ -133,3 +133,10 @@ def test_verdict_needs_the_ranges_apart() -> None:
     assert verdict([0.30, 0.31], [0.35, 0.36], False) == "ahead beyond the seed spread"
     assert verdict([0.60, 0.61], [0.69, 0.70], True) == "behind beyond the seed spread"
     assert verdict([0.7], [0.6], True) == "n/a (one seed)"
+
+
+def test_an_invalid_variant_is_reported_at_its_line_before_any_training(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["compare", str(SPECS / "stem.mtl"), "--set", "emb.dim=16,8", "--out", str(tmp_path),
+                                 *TINY])
+    assert result.exit_code == 1 and "stem_emb.dim=8.mtl:" in result.output and "error:" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()

@@ -91,7 +91,7 @@ def compare_cmd(
         from ..workbench.report import markdown, write_comparison
 
         try:
-            entries, base = plan(specs, [parse_set(t) for t in sets], baseline, data)
+            entries, base = plan(specs, [parse_set(t) for t in sets], baseline, data, data_dir)
             options = {"data": data, "data_dir": data_dir, "rows": rows, "epochs": epochs, "device": device}
             runs = run_all(entries, seed_list, out, options, progress=not no_progress,
                            log=None if no_progress else lambda m: typer.echo(m, err=True))

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..diagnostics import SpecError
 from ..parser import parse_file
+from ..pipeline import check_text
 from ..lower import DEFAULT_DATA
 from ..syntax import DataDecl, Spec
 from ..vocab import Metric
@@ -68,7 +69,7 @@ class Entry:
 
 
 def plan(specs: Sequence[Path], settings: Sequence[Setting], baseline: str | None,
-         data: str | None = None) -> tuple[list[Entry], Entry]:
+         data: str | None = None, data_dir: str | None = None) -> tuple[list[Entry], Entry]:
     """The entries (each spec, expanded by the --set settings) and the baseline among them. Without `data`
     (--data) every spec must name the same dataset: runs on different data cannot be compared."""
     entries: list[Entry] = []
@@ -82,6 +83,10 @@ def plan(specs: Sequence[Path], settings: Sequence[Setting], baseline: str | Non
         decl = next((i for i in parsed.items if isinstance(i, DataDecl)), None)
         sources.setdefault(decl.source if decl else DEFAULT_DATA, []).append(str(path))
         for v in expand(parsed, path.stem, list(settings), str(path)):
+            if settings:  # a variant must be a valid spec before anything trains
+                checked = check_text(v.text, f"{safe_label(v.label)}.mtl", data_dir=data_dir)
+                if not checked.ok:
+                    raise SpecError(checked.errors)
             entries.append(Entry(v.label, path, v))
     if data is None and len(sources) > 1:
         shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in sources.items())
@@ -238,8 +243,9 @@ def _delong_rows(entry: str, base: str, seeds: Sequence[int], runs: dict[tuple[s
         terms, mine = _labels_of(runs[(entry, seed)])
         _, theirs = _labels_of(runs[(base, seed)])
         for key, (output, kind, label, mask) in terms.items():
-            if kind != "binary":
-                continue
+            needed = [output, *(f"label_{c}" for c in (*label, *mask))]
+            if kind != "binary" or any(c not in theirs.columns for c in needed):
+                continue  # the baseline has no such output (or label): nothing to pair
             y = _truth(mine, label)
             if len(mine) != len(theirs) or not np.array_equal(y, _truth(theirs, label)):
                 raise CompareError(f"{runs[(entry, seed)]} and {runs[(base, seed)]} were tested on different "
