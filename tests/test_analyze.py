@@ -173,3 +173,12 @@ def test_gradient_cosines_of_known_gradients() -> None:
               "c": (w * torch.tensor([0.0, 3.0])).sum()}
     got = gradient_cosines(losses, [w])
     assert got == pytest.approx({"a/b": -1.0, "a/c": 0.0, "b/c": 0.0})
+
+
+def test_conflict_records_survive_a_resume(tmp_path: Path) -> None:
+    whole = train(SPECS / "stem.mtl", out=tmp_path / "whole", rows=1500, epochs=2, log_conflict=1, progress=False)
+    train(SPECS / "stem.mtl", out=tmp_path / "split", rows=1500, epochs=1, log_conflict=1, progress=False)
+    resumed = train(SPECS / "stem.mtl", out=tmp_path / "split", resume=True, epochs=2, log_conflict=1,
+                    progress=False)
+    assert resumed.metrics["train"]["steps"] == whole.metrics["train"]["steps"]
+    assert (tmp_path / "split" / "conflict.csv").read_text() == (tmp_path / "whole" / "conflict.csv").read_text()

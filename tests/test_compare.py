@@ -140,3 +140,13 @@ def test_an_invalid_variant_is_reported_at_its_line_before_any_training(tmp_path
                                  *TINY])
     assert result.exit_code == 1 and "stem_emb.dim=8.mtl:" in result.output and "error:" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+
+
+def test_specs_with_different_outputs_pair_only_the_common_ones(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["compare", str(SPECS / "esmm.mtl"), str(SPECS / "mmoe.mtl"), "--seeds", "0",
+                                 "--out", str(tmp_path), *TINY])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "comparison.json").read_text())
+    outputs = {(r["entry"], r["output"]) for r in data["metrics"]}
+    assert ("esmm", "ctcvr") in outputs and ("mmoe", "ctcvr") not in outputs
+    assert {r["output"] for r in data["delong"]} <= {"ctr", "cvr", "cvr@click"}
