@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -356,6 +357,26 @@ def test_an_interrupted_prepare_keeps_the_previous_output_and_a_rerun_is_identic
     (out / ".prepare-999999999-killed").mkdir()  # left by a prepare that was killed: removed by the next one
     P.prepare_ali_ccp(raw, out, min_count=2, row_group_size=16, block_size=2048)
     assert _bytes(out) == before and not list(out.glob(".prepare-*"))
+
+
+def test_a_republish_never_shows_the_old_schema_over_new_data(tmp_path, monkeypatch) -> None:
+    """While a second prepare moves its files into OUT, the first one's schema.json is already gone."""
+    raw = tmp_path / "raw"
+    write_raw(raw, n_train=120, n_test=40)
+    out = tmp_path / "out"
+    P.prepare_ali_ccp(raw, out, min_count=2)
+    seen = []
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).parent == out:
+            seen.append((Path(dst).name, (out / "schema.json").exists()))
+        return real(src, dst)
+
+    monkeypatch.setattr(P.os, "replace", replace)
+    P.prepare_ali_ccp(raw, out, min_count=2)
+    assert seen[-1] == ("schema.json", False) and len(seen) == 6
+    assert not any(has_schema for _, has_schema in seen)
 
 
 def test_workers_and_block_sizes_do_not_change_a_byte(prepared, tmp_path) -> None:

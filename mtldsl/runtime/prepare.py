@@ -548,7 +548,13 @@ def _remove_stale(out: Path) -> None:
 
 
 def _publish(work: Path, out: Path, names: Sequence[str]) -> dict[str, str]:
-    """fsync every file, then move them into OUT in order (data first, schema.json last), then fsync OUT."""
+    """fsync every file, then move them into OUT in order (data first, schema.json last), then fsync OUT.
+
+    An earlier prepare's schema.json goes first: a reader that starts while the data files are being
+    replaced finds no schema (a "not prepared" error) rather than the old schema over new data.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out / SCHEMA_FILE)
     for name in names:
         fd = os.open(work / name, os.O_RDONLY)
         try:
