@@ -3,15 +3,18 @@
 Used by `mtldsl check/compile` to resolve `fields all` / `fields user` at compile time, so it imports
 neither torch nor pandas: named datasets have fixed schemas written here, folders are read with the
 stdlib `csv`/`json` modules (a Parquet folder without `schema.json` loads pyarrow lazily). This module
-never writes: runtime/data.py saves an inferred schema as `schema.json` beside the data.
+never writes, and nothing writes an inferred schema into a data folder (Note [The user's folder]).
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
+import gzip
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,8 @@ __all__ = [
     "known_groups",
     "locate",
     "named",
+    "open_csv",
+    "read_header",
     "resolve_folder",
     "schema_for",
     "schema_from_json",
@@ -41,12 +46,13 @@ __all__ = [
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
-DATA_SUFFIXES = (".parquet", ".csv")
+DATA_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 # Column names taken as labels when a folder's schema is inferred and no labels are given.
 KNOWN_LABELS = ("click", "purchase", "conversion", "income", "marital status", "label", "ctr", "cvr")
 # Column names taken as the gAUC group id when a folder's schema is inferred.
 KNOWN_GROUP_IDS = ("user_id", "userid", "uid", "search_id", "session_id")
 INFER_ROWS = 5000
+FIELD_LIMIT = 1 << 26  # the longest CSV cell the sample read takes (64 MiB; the csv module's default is 128 KiB)
 SCHEMA_FILE = "schema.json"
 _INT = re.compile(r"[+-]?\d+")
 _SPECIAL_GROUPS = ("all", "sparse", "dense", "none")
@@ -324,8 +330,23 @@ def data_roots(data_dir: str | Path | None = None) -> list[Path]:
     return list(dict.fromkeys(roots))
 
 
+def _is_data_file(path: Path) -> bool:
+    """True for a regular file (through symlinks); a link to nothing or a link loop is a DataError, not an absent file."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise DataError(f"{path}: a symbolic link to nothing ({os.readlink(path)})") from None
+        return False
+    except OSError as e:  # ELOOP (a symlink loop), EACCES on the folder, ...
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
 def find_split_files(folder: Path, prefix: str | None = None) -> dict[str, Path]:
-    """The data file of each split present in `folder` (train.csv / train.parquet / <prefix>_train_sample.csv …)."""
+    """The data file of each split present in `folder` (train.csv / train.parquet / <prefix>_train_sample.csv …).
+
+    Two files for one split (train.csv beside train.parquet) are refused, naming both: one would win silently.
+    """
     folder = Path(folder)
     found: dict[str, Path] = {}
     for split, aliases in SPLIT_ALIASES.items():
@@ -336,23 +357,21 @@ def find_split_files(folder: Path, prefix: str | None = None) -> dict[str, Path]
                 if prefix:
                     candidates.append(folder / f"{prefix}_{alias}_sample{suffix}")
                     candidates.append(folder / f"{prefix}_{alias}{suffix}")
-        hit = next((c for c in candidates if c.is_file()), None)
-        if hit is None:  # any single <something>_<split>[_sample].<suffix>
-            globbed = sorted(
+        hits = list(dict.fromkeys(c for c in candidates if _is_data_file(c)))
+        if not hits:  # any single <something>_<split>[_sample].<suffix>
+            hits = sorted(
                 p
                 for alias in aliases
                 for suffix in DATA_SUFFIXES
                 for pattern in (f"*_{alias}{suffix}", f"*_{alias}_sample{suffix}")
                 for p in folder.glob(pattern)
-                if p.is_file()
+                if _is_data_file(p)
             )
-            if len(globbed) == 1:
-                hit = globbed[0]
-            elif len(globbed) > 1:
-                names = ", ".join(p.name for p in globbed)
-                raise DataError(f"{folder}: several {split} files ({names}); keep one or name it {split}.csv")
-        if hit is not None:
-            found[split] = hit
+        if len(hits) > 1:
+            names = ", ".join(p.name for p in hits)
+            raise DataError(f"{folder}: several {split} files ({names}); keep one (or name it {split}.csv)")
+        if hits:
+            found[split] = hits[0]
     return found
 
 
@@ -428,6 +447,11 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         both = [f for f in lists if f in names(other)]
         if both:
             raise DataError(f"{path}: {', '.join(map(repr, both))} in both 'lists' and '{other}': a field is one or the other")
+    for other in ("sparse", "dense"):
+        both = [f for f in names(other) if f in names("labels")]
+        if both:
+            raise DataError(f"{path}: {', '.join(map(repr, both))} in both 'labels' and '{other}': a label is never "
+                            "a feature (it would leak into the inputs)")
     taken = {*sparse, *lists, *names("dense"), *names("labels")}
     list_weights = _list_weights(data.get("list_weights", {}), lists, taken, path)
     groups_raw = data.get("groups", {})
@@ -496,29 +520,103 @@ def _cell(v: object) -> str:
     return "" if v is None else repr(v) if isinstance(v, float) else str(v)
 
 
-def _read_sample(path: Path, n: int) -> tuple[list[str], list[list[str]]]:
-    """Header and up to n rows of a data file, as strings."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # lazy: only folders of Parquet without schema.json need it
+def open_csv(path: Path):  # type: ignore[no-untyped-def]
+    """A CSV file (gzipped when it ends in .gz) as text; a UTF-8 byte-order mark is dropped."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
-        pf = pq.ParquetFile(path)
-        header = list(pf.schema_arrow.names)
+
+def _unreadable(path: Path, e: BaseException, line: int) -> DataError:
+    """The one-line DataError of a read that failed at (1-based file) `line` of `path`."""
+    where = "the header" if line <= 1 else f"row {line - 1}"
+    if isinstance(e, UnicodeDecodeError):
+        return DataError(f"{path}: {where}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8")
+    if isinstance(e, csv.Error):
+        if "field larger" in str(e):
+            return DataError(f"{path}: {where}: a cell longer than {FIELD_LIMIT} characters (an unclosed quote?)")
+        return DataError(f"{path}: {where}: cannot parse: {e}")
+    if isinstance(e, (EOFError, gzip.BadGzipFile)):
+        return DataError(f"{path}: not a complete gzip file ({e})")
+    if isinstance(e, OSError):
+        return DataError(f"{path}: cannot read: {e.strerror or e}")
+    return DataError(f"{path}: cannot read: {e}")
+
+
+def _check_header(path: Path, header: list[str]) -> list[str]:
+    """The header, or a DataError for one that cannot be meant (empty, repeated or space-padded names, another
+    delimiter). Names are shown quoted exactly as in the file."""
+    if not header or header == [""]:
+        raise DataError(f"{path}: empty file")
+    if len(header) == 1:
+        for sep, name in ((";", "semicolon"), ("\t", "tab")):
+            if sep in header[0]:
+                raise DataError(f"{path}: the header is the single column {header[0][:60]!r}: the file looks "
+                                f"{name}-delimited; mtldsl reads comma-separated files")
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise DataError(f"{path}: duplicate column(s) {', '.join(map(repr, dupes))} in the header")
+    padded = [h for h in header if h != h.strip()]
+    if padded:
+        raise DataError(f"{path}: column {padded[0]!r} has spaces around its name (did you mean "
+                        f"{padded[0].strip()!r}? write the header without spaces after the commas)")
+    return header
+
+
+def _parquet(path: Path):  # type: ignore[no-untyped-def]
+    import pyarrow.parquet as pq  # lazy: only folders of Parquet without schema.json need it
+
+    try:
+        return pq.ParquetFile(path)
+    except PermissionError as e:
+        raise _unreadable(path, e, 0) from None
+    except Exception as e:  # pyarrow raises several types for a damaged, truncated or empty file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def read_header(path: Path) -> list[str]:
+    """The column names of a data file (CSV, .csv.gz or Parquet), checked (_check_header); errors are DataErrors."""
+    if path.suffix == ".parquet":
+        return _check_header(path, list(_parquet(path).schema_arrow.names))
+    return _read_sample(path, 0)[0]
+
+
+def _read_sample(path: Path, n: int) -> tuple[list[str], list[list[str]]]:
+    """Header and up to n rows of a data file, as strings; a row with more fields than the header is an error."""
+    if path.suffix == ".parquet":
+        pf = _parquet(path)
+        header = _check_header(path, list(pf.schema_arrow.names))
         rows: list[list[str]] = []
-        for batch in pf.iter_batches(batch_size=n):
-            cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-            rows.extend([_cell(v) for v in r] for r in zip(*cols))
-            break
-        return header, rows[:n]
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: empty file")
-        rows = []
-        for row in reader:
-            if len(rows) >= n:
+        try:
+            for batch in pf.iter_batches(batch_size=max(n, 1)):
+                cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+                rows.extend([_cell(v) for v in r] for r in zip(*cols))
                 break
-            rows.append(row)
+        except Exception as e:  # a truncated or corrupt row group
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        return header, rows[:n]
+    line = 1
+    limit = csv.field_size_limit(FIELD_LIMIT)
+    try:
+        with open_csv(path) as f:
+            reader = csv.reader(f)
+            header = _check_header(path, next(reader, []))
+            rows = []
+            while len(rows) < n:
+                row = next(reader, None)
+                line = reader.line_num + 1
+                if row is None:
+                    break
+                if len(row) > len(header) and any(c.strip() for c in row[len(header):]):
+                    raise DataError(f"{path}: row {len(rows) + 1}: {len(row)} fields, the header has {len(header)} "
+                                    "(an unquoted comma inside a value?)")
+                rows.append(row)
+    except DataError:
+        raise
+    except (UnicodeDecodeError, csv.Error, OSError, EOFError) as e:
+        raise _unreadable(path, e, line) from None
+    finally:
+        csv.field_size_limit(limit)
     return header, rows
 
 
@@ -537,41 +635,60 @@ def _column_kind(values: list[str]) -> str:
     return kind
 
 
-def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, rows: int = INFER_ROWS) -> Schema:
-    """A schema from the train file's header and first rows.
-
-    A header equal to a named dataset's columns gets that dataset's schema. Otherwise labels are `labels`
-    or the known label names present; integer-valued columns are sparse, other numeric columns dense;
-    a column named like user_id/search_id is the gAUC id (and stays a feature).
-    """
-    folder = Path(folder)
-    files = find_split_files(folder)
-    if "train" not in files:
-        raise DatasetNotFound(f"{folder}: no train file (train.csv, train.parquet or *_train_sample.csv)")
-    path = files["train"]
-    header, sample = _read_sample(path, rows)
-    if not header:
-        raise DataError(f"{path}: empty file")
-    if labels is None:
-        for info in KNOWN_DATASETS.values():
-            if info.name != "synthetic" and set(header) == set(info.schema.columns):
-                return info.schema
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise DataError(f"{path}: duplicate column(s) {', '.join(map(repr, dupes))}")
+def _label_columns(path: Path, header: list[str], labels: Sequence[str] | None, spec_labels: Sequence[str]) -> tuple[str, ...]:
+    """Which header columns are labels: `labels` when given, else the spec's label columns and the known label
+    names (Note [Inferred labels])."""
     if labels is not None:
         missing = [c for c in labels if c not in header]
         if missing:
             raise DataError(f"{path}: label column(s) {', '.join(map(repr, missing))} not in the header")
-        label_cols = tuple(labels)
-    else:
-        label_cols = tuple(c for c in header if c.lower() in KNOWN_LABELS)
-        if not label_cols:
-            raise DataError(
-                f"{path}: no label column found (looked for {', '.join(KNOWN_LABELS)}); "
-                f"name them with --labels or in {folder / SCHEMA_FILE}"
-            )
-    user_id = next((c for c in header if c.lower() in KNOWN_GROUP_IDS), None)
+        return tuple(labels)
+    missing = [c for c in dict.fromkeys(spec_labels) if c not in header]
+    if missing:
+        close = difflib.get_close_matches(missing[0], header, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (the header: {', '.join(map(repr, header[:12]))})"
+        raise DataError(f"{path}: no column {missing[0]!r}, which the spec names as a label{hint}")
+    found = tuple(c for c in header if c in spec_labels or c.lower() in KNOWN_LABELS)
+    if not found:
+        raise DataError(
+            f"{path}: no label column found (looked for {', '.join(KNOWN_LABELS)}); name the label columns in the "
+            f"spec (`task <name> binary label <column>`) or in {path.parent / SCHEMA_FILE} (\"labels\")"
+        )
+    return found
+
+
+# Note [Inferred labels]
+# A folder without schema.json gets its schema from the train file's header and first INFER_ROWS rows.
+# Its labels are every column the spec names in a label or `where` expression (tasks, outputs, losses,
+# label products included), plus every column with a known label name (click, purchase, label, ...):
+# such a column is never made a feature, even when the spec does not use it, so a label cannot leak into
+# the inputs by being unused. A label the spec names but the header lacks is an error here, with the
+# closest header name. With schema.json the file decides, and a column the spec names as a label that
+# schema.json lists as a feature is an error, never a silent override (schema_for).
+
+
+def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, rows: int = INFER_ROWS,
+                 spec_labels: Sequence[str] = ()) -> Schema:
+    """A schema from the train file's header and first rows.
+
+    A header equal to a named dataset's columns gets that dataset's schema. Otherwise labels are `labels`,
+    or the spec's label columns and the known label names present (Note [Inferred labels]); integer-valued
+    columns are sparse, other numeric columns dense; a column named like user_id/search_id is the gAUC id
+    (and stays a feature).
+    """
+    folder = Path(folder)
+    files = find_split_files(folder)
+    if "train" not in files:
+        raise DatasetNotFound(f"{folder}: no train file (train.csv, train.parquet, train.csv.gz or *_train_sample.csv)")
+    path = files["train"]
+    header, sample = _read_sample(path, rows)
+    if labels is None:
+        for info in KNOWN_DATASETS.values():
+            if info.name != "synthetic" and set(header) == set(info.schema.columns) \
+                    and set(spec_labels) <= set(info.schema.labels):
+                return info.schema
+    label_cols = _label_columns(path, header, labels, spec_labels)
+    user_id = next((c for c in header if c.lower() in KNOWN_GROUP_IDS and c not in label_cols), None)
     sparse: list[str] = []
     dense: list[str] = []
     for j, col in enumerate(header):
@@ -616,23 +733,34 @@ def locate(source: str, data_dir: str | Path | None = None) -> Path:
     raise DatasetNotFound(f"no dataset '{source}': not a folder and not one of {known}")
 
 
-def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Sequence[str] | None = None) -> Schema:
+def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Sequence[str] | None = None,
+               spec_labels: Sequence[str] = ()) -> Schema:
     """The schema of a named dataset (fixed, no files needed) or of a folder (schema.json, else inferred).
 
     A folder is `source` itself or, for a relative path, `<root>/<source>` under data_roots(data_dir).
+    `spec_labels`: the columns the spec names as labels (Note [Inferred labels]).
     """
     key = named(source)
     if key is not None:
         schema = KNOWN_DATASETS[key].schema
         if labels is not None and tuple(labels) != schema.labels:
-            raise DataError(f"dataset '{key}' has fixed labels {', '.join(schema.labels)}; --labels applies to folders")
+            raise DataError(f"dataset '{key}' has fixed labels {', '.join(schema.labels)}; labels apply to folders")
         return schema
     path = locate(source, data_dir)
     schema_file = path / SCHEMA_FILE
-    if schema_file.is_file():
-        text = schema_file.read_text(encoding="utf-8")
+    if _is_data_file(schema_file):
+        try:
+            text = schema_file.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise _unreadable(schema_file, e, 0) from None
         schema = schema_from_json(text, path=schema_file, default_name=path.resolve().name)
         if labels is not None and tuple(labels) != schema.labels:
             raise DataError(f"{schema_file}: labels are {', '.join(schema.labels)}; edit the file to change them")
+        for c in spec_labels:
+            kind = next((k for k, cols in (("sparse", schema.sparse), ("dense", schema.dense), ("lists", schema.lists))
+                         if c in cols), None)
+            if kind is not None:
+                raise DataError(f"{schema_file}: column '{c}' is a label in the spec but listed in '{kind}' here; "
+                                f"move it to 'labels' (a label is never a feature)")
         return schema
-    return infer_schema(path, labels=labels)
+    return infer_schema(path, labels=labels, spec_labels=spec_labels)

@@ -18,7 +18,7 @@ from .graph import build_graph
 from .ir import Model
 from .lower import DEFAULT_DATA, lower
 from .parser import parse_text
-from .syntax import DataDecl, Spec
+from .syntax import DataDecl, LossDecl, OutputDecl, Spec, TaskDecl
 from .validate import validate
 
 
@@ -46,24 +46,39 @@ def _attach(diags: list[Diagnostic], src: SourceFile) -> tuple[Diagnostic, ...]:
     return tuple(sorted(fixed, key=sort_key))
 
 
-def resolve_schema(spec: Spec, data_dir: str | None = None) -> tuple[Schema | None, list[Diagnostic]]:
-    """The schema of the spec's (first) `data` source, or None and why not, said at the `data` line."""
+def label_columns(spec: Spec) -> tuple[str, ...]:
+    """Every column the spec names in a label or `where` expression (tasks, outputs, losses), in spec order."""
+    exprs = [e for i in spec.items if isinstance(i, (TaskDecl, OutputDecl, LossDecl)) for e in (i.label, i.where) if e]
+    return tuple(dict.fromkeys(c.name for e in exprs for c in e.columns))
+
+
+def spec_labels(text: str, path: str = "<spec>") -> tuple[str, ...]:
+    """label_columns of a spec's text; () when it does not parse (checking it reports that)."""
+    parsed = parse_text(text, path)
+    return label_columns(parsed) if isinstance(parsed, Spec) else ()
+
+
+def resolve_schema(spec: Spec, data_dir: str | None = None,
+                   data: str | None = None) -> tuple[Schema | None, list[Diagnostic]]:
+    """The schema of `data` (default: the spec's first `data` source), or None and why not, said at the `data`
+    line. The spec's label columns are labels of an inferred schema (Note [Inferred labels] in catalog.py)."""
     decl = next((i for i in spec.items if isinstance(i, DataDecl)), None)
-    source = decl.source if decl else DEFAULT_DATA
+    source = data or (decl.source if decl else DEFAULT_DATA)
     try:
-        return schema_for(source, data_dir), []
+        return schema_for(source, data_dir, spec_labels=label_columns(spec)), []
     except Exception as exc:  # unknown dataset or unreadable folder
         return None, [error(f"cannot read the schema of dataset '{source}': {exc}", decl.span if decl else NOWHERE)]
 
 
-def check_text(text: str, path: str = "<spec>", schema: Schema | None = None, data_dir: str | None = None) -> Checked:
+def check_text(text: str, path: str = "<spec>", schema: Schema | None = None, data_dir: str | None = None,
+               data: str | None = None) -> Checked:
     src = SourceFile(path, text)
     parsed = parse_text(text, path)
     if not isinstance(parsed, Spec):
         return Checked(src, None, None, None, _attach(list(parsed), src))
     diags: list[Diagnostic] = []
     if schema is None:
-        schema, diags = resolve_schema(parsed, data_dir)
+        schema, diags = resolve_schema(parsed, data_dir, data)
     model, lowered = lower(parsed, schema, path)
     diags += lowered
     graph = build_graph(model)
@@ -71,8 +86,9 @@ def check_text(text: str, path: str = "<spec>", schema: Schema | None = None, da
     return Checked(src, parsed, model, graph, _attach(diags, src))
 
 
-def check_file(path: str | Path, schema: Schema | None = None, data_dir: str | None = None) -> Checked:
-    return check_text(Path(path).read_text(encoding="utf-8"), str(path), schema=schema, data_dir=data_dir)
+def check_file(path: str | Path, schema: Schema | None = None, data_dir: str | None = None,
+               data: str | None = None) -> Checked:
+    return check_text(Path(path).read_text(encoding="utf-8"), str(path), schema=schema, data_dir=data_dir, data=data)
 
 
 def load_spec(path: str | Path, schema: Schema | None = None, data_dir: str | None = None) -> Checked:

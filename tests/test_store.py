@@ -143,21 +143,22 @@ def test_an_interrupted_build_publishes_nothing(tmp_path: Path, monkeypatch: pyt
     assert open_store(folder / "train.csv", schema, None, cache).n == 3
 
 
-def test_the_store_lives_beside_writable_data_else_in_the_user_cache(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_store_lives_in_the_user_cache_unless_mtldsl_wrote_the_folder(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Note [The user's folder]: a writable folder of the user's gets nothing written into it
     monkeypatch.delenv(store.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     folder = _folder(tmp_path / "d")
-    load_dataset(str(folder))
-    assert (folder / store.CACHE_DIR / "train.csv.all" / "manifest.json").is_file()
-    other = _folder(tmp_path / "ro")
-    real_access = os.access
-    monkeypatch.setattr(store.os, "access", lambda p, mode: False if Path(p) == other else real_access(p, mode))
-    ds = load_dataset(str(other))
-    assert not (other / store.CACHE_DIR).exists()
+    before = sorted(p.name for p in folder.iterdir())
+    ds = load_dataset(str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == before
     [root] = (tmp_path / "xdg" / "mtldsl").iterdir()
-    assert root.name.startswith("ro-") and (root / "test.csv.all" / "manifest.json").is_file()
+    assert root.name.startswith("d-") and (root / "test.csv.all" / "manifest.json").is_file()
     assert ds.test.sparse.tolist() == [[1, 2], [2, 3], [3, 4]]
+    prepared = _folder(tmp_path / "p")
+    (prepared / store.PREPARED).write_text("{}")  # as `mtldsl data prepare` leaves it
+    load_dataset(str(prepared))
+    assert (prepared / store.CACHE_DIR / "train.csv.all" / "manifest.json").is_file()
 
 
 def test_bad_values_beyond_the_first_chunk_name_their_file_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

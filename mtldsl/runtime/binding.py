@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..diagnostics import SpecError
-from ..pipeline import Checked, check_text
+from ..pipeline import Checked, check_text, spec_labels
 from .config import ConfigError
 from .objective import Objective
 
@@ -129,7 +129,7 @@ def check_spec(text: str, path: str, *, data: str | None, data_dir: str | None) 
             raise SpecError(first.diagnostics)
         assert first.model is not None
         data = first.model.data
-    schema = schema_for(data, data_dir)
+    schema = schema_for(data, data_dir, spec_labels=spec_labels(text, path))
     return _check_against(text, path, schema), data, schema
 
 
@@ -144,7 +144,8 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     spec, data, schema = checked or check_spec(text, path, data=data, data_dir=data_dir)
     assert spec.model is not None
     objective = Objective(spec.model)
-    dataset = load_dataset(data, data_dir=data_dir, rows=rows, seed=data_seed, binary_labels=objective.binary_columns)
+    dataset = load_dataset(data, data_dir=data_dir, rows=rows, seed=data_seed, binary_labels=objective.binary_columns,
+                           schema=schema)
     if not _same_fields(dataset.schema, schema):  # e.g. a folder whose schema was inferred differently on load
         spec = _check_against(text, path, dataset.schema)
         assert spec.model is not None

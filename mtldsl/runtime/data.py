@@ -2,8 +2,8 @@
 
 `load_dataset("synthetic")` generates the built-in data in memory (Note [Synthetic data]); a named
 dataset (`ali_ccp`, `census_income`, `aliexpress`) is read from its folder (catalog.resolve_folder); any
-other source is a folder path whose schema comes from `schema.json` or is inferred (and then saved there
-when the folder is writable). A folder's files are converted once into the on-disk column store
+other source is a folder path whose schema comes from `schema.json` or is inferred (never saved into the
+folder: Note [The user's folder] in store.py). A folder's files are converted once into the on-disk column store
 (store.py, Note [Column store]), checking every value: bad data raises DataError naming the file, column
 and 1-based data row, never a pandas traceback. A `Split` holds its columns (stored files or in-memory
 arrays) and yields batches gathered from a window of rows at a time (Note [Block shuffle]), so a split
@@ -15,8 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +25,6 @@ from torch import Tensor
 
 from mtldsl.catalog import (
     KNOWN_DATASETS,
-    SCHEMA_FILE,
     DataError,
     DatasetNotFound,
     Schema,
@@ -36,7 +33,6 @@ from mtldsl.catalog import (
     named,
     resolve_folder,
     schema_for,
-    schema_to_json,
 )
 
 from . import synthetic
@@ -465,13 +461,16 @@ def load_dataset(
     seed: int = 0,
     labels: Sequence[str] | None = None,
     binary_labels: Sequence[str] = (),
+    schema: Schema | None = None,
 ) -> Dataset:
     """Load a named dataset or a folder (through its column store: Note [Column store]).
 
     rows: for synthetic, the total row count (default SYNTHETIC_ROWS, split 80/10/10); for real data,
     a cap on the rows read from each file. seed: the synthetic data's seed (real data ignores it).
     labels: label columns of a folder without schema.json. binary_labels: label columns that must be
-    0 or 1 (the binary tasks'; the loader does not know task kinds).
+    0 or 1 (the binary tasks'; the loader does not know task kinds). schema: a folder's schema as the
+    caller resolved it (with the spec's labels: Note [Inferred labels] in catalog.py); else resolved here.
+    An inferred schema is never written into the folder (Note [The user's folder] in store.py).
     """
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be positive, got {rows}")
@@ -485,30 +484,13 @@ def load_dataset(
         prefix: str | None = info.file_prefix
     else:
         folder = locate(source, data_dir)
-        schema = schema_for(str(folder), labels=labels)
+        if schema is None:
+            schema = schema_for(str(folder), labels=labels)
         prefix = None
-        if not (folder / SCHEMA_FILE).is_file() and not any(schema is i.schema for i in KNOWN_DATASETS.values()):
-            _save_schema(folder, schema)
     unknown_binary = [c for c in binary_labels if c not in schema.labels]
     if unknown_binary:
         raise DataError(f"{folder}: binary label(s) {', '.join(map(repr, unknown_binary))} are not label columns")
     return _load_folder(folder, schema, prefix=prefix, rows=rows, binary_labels=tuple(binary_labels))
-
-
-def _save_schema(folder: Path, schema: Schema) -> None:
-    """Write an inferred schema beside the data, atomically; a read-only folder is not an error."""
-    target = folder / SCHEMA_FILE
-    if not os.access(folder, os.W_OK):
-        log.info("not saving the inferred schema: %s is read-only", folder)
-        return
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".schema.", suffix=".json", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(schema_to_json(schema))
-        os.replace(tmp, target)
-        log.info("inferred schema saved to %s", target)
-    except OSError as e:
-        log.info("not saving the inferred schema to %s: %s", target, e)
 
 
 def _stored_split(st: Stored) -> Split:
