@@ -9,7 +9,6 @@ never writes, and nothing writes an inferred schema into a data folder (Note [Th
 from __future__ import annotations
 
 import csv
-import difflib
 import gzip
 import json
 import os
@@ -25,6 +24,7 @@ __all__ = [
     "DatasetNotFound",
     "KNOWN_DATASETS",
     "KNOWN_LABELS",
+    "MAX_VOCAB",
     "SPLITS",
     "SYNTHETIC_VOCAB",
     "Schema",
@@ -52,6 +52,7 @@ KNOWN_LABELS = ("click", "purchase", "conversion", "income", "marital status", "
 # Column names taken as the gAUC group id when a folder's schema is inferred.
 KNOWN_GROUP_IDS = ("user_id", "userid", "uid", "search_id", "session_id")
 INFER_ROWS = 5000
+MAX_VOCAB = 1 << 27  # rows of one field's embedding table (Note [Vocabulary bound] in runtime/data.py)
 FIELD_LIMIT = 1 << 26  # the longest CSV cell the sample read takes (64 MiB; the csv module's default is 128 KiB)
 SCHEMA_FILE = "schema.json"
 _INT = re.compile(r"[+-]?\d+")
@@ -88,6 +89,7 @@ class Schema:
     vocab_sizes: Mapping[str, int] | None = None  # max id + 1 per sparse and list field; known after loading data
     lists: tuple[str, ...] = ()  # list-valued id columns (a list of ids per row), apart from the single-valued sparse
     list_weights: Mapping[str, str] = field(default_factory=dict)  # list field -> its weights column (weighted lists)
+    hashed: Mapping[str, int] = field(default_factory=dict)  # field -> buckets, ids modulo (Note [Vocabulary bound])
 
     def __post_init__(self) -> None:
         if "all" not in self.groups:
@@ -368,8 +370,9 @@ def find_split_files(folder: Path, prefix: str | None = None) -> dict[str, Path]
                 if _is_data_file(p)
             )
         if len(hits) > 1:
-            names = ", ".join(p.name for p in hits)
-            raise DataError(f"{folder}: several {split} files ({names}); keep one (or name it {split}.csv)")
+            names = ", ".join(sorted(p.name for p in hits))
+            raise DataError(f"{folder}: several {split} files ({names}): keep one of them, as it is not clear "
+                            "which one to read")
         if hits:
             found[split] = hits[0]
     return found
@@ -418,6 +421,8 @@ def schema_to_json(schema: Schema, *, with_vocab: bool = False) -> str:
         data["lists"] = list(schema.lists)
     if schema.list_weights:
         data["list_weights"] = dict(schema.list_weights)
+    if schema.hashed:
+        data["hash_ids"] = dict(schema.hashed)
     if with_vocab and schema.vocab_sizes is not None:
         data["vocab_sizes"] = dict(schema.vocab_sizes)
     return json.dumps(data, indent=2) + "\n"
@@ -430,7 +435,7 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object")
-    known = {"name", "labels", "sparse", "dense", "groups", "user_id", "vocab_sizes", "lists", "list_weights"}
+    known = {"name", "labels", "sparse", "dense", "groups", "user_id", "vocab_sizes", "lists", "list_weights", "hash_ids"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise DataError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
@@ -478,6 +483,13 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         missing = [f for f in (*sparse, *lists) if f not in vocab]
         if missing:
             raise DataError(f"{path}: 'vocab_sizes' lacks {', '.join(map(repr, missing))}")
+    hashed = data.get("hash_ids", {})
+    if not isinstance(hashed, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_VOCAB
+                                               for v in hashed.values()):
+        raise DataError(f"{path}: 'hash_ids' must map sparse fields to bucket counts from 1 to {MAX_VOCAB}")
+    unhashable = [f for f in hashed if f not in sparse]
+    if unhashable:
+        raise DataError(f"{path}: 'hash_ids' names {', '.join(map(repr, unhashable))}, not in 'sparse'")
     name = data.get("name", default_name)
     labels = names("labels")
     if not labels:
@@ -492,6 +504,7 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         vocab_sizes=dict(vocab) if vocab is not None else None,
         lists=lists,
         list_weights=list_weights,
+        hashed=dict(hashed),
     )
 
 
@@ -529,6 +542,8 @@ def open_csv(path: Path):  # type: ignore[no-untyped-def]
 
 def _unreadable(path: Path, e: BaseException, line: int) -> DataError:
     """The one-line DataError of a read that failed at (1-based file) `line` of `path`."""
+    if isinstance(e, UnicodeDecodeError):
+        line = _first_non_utf8_line(path) or line  # the decoder reads ahead: find the line itself
     where = "the header" if line <= 1 else f"row {line - 1}"
     if isinstance(e, UnicodeDecodeError):
         return DataError(f"{path}: {where}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8")
@@ -541,6 +556,20 @@ def _unreadable(path: Path, e: BaseException, line: int) -> DataError:
     if isinstance(e, OSError):
         return DataError(f"{path}: cannot read: {e.strerror or e}")
     return DataError(f"{path}: cannot read: {e}")
+
+
+def _first_non_utf8_line(path: Path) -> int | None:
+    """The 1-based line of the first bytes that are not UTF-8 (an error path: reads the file up to there)."""
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            for i, raw in enumerate(f):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return i + 1
+    except (OSError, EOFError):
+        return None
+    return None
 
 
 def _check_header(path: Path, header: list[str]) -> list[str]:
@@ -621,16 +650,19 @@ def _read_sample(path: Path, n: int) -> tuple[list[str], list[list[str]]]:
 
 
 def _column_kind(values: list[str]) -> str:
-    """'int' when every sampled value is an integer literal, 'float' when every value is a number, else 'other'."""
-    kind = "int"
+    """'float' when some sampled value is a number that is not an integer literal, else 'int' when some value is an
+    integer, else 'other'. Cells that are not numbers do not decide the kind (a stray 'n/a' in a price column
+    keeps it dense), so the loader names them as what the column holds: a bad number, a bad id."""
+    kind = "other"
     for v in values:
         v = v.strip()
         if _INT.fullmatch(v):
+            kind = "int" if kind == "other" else kind
             continue
         try:
             float(v)
         except ValueError:
-            return "other"
+            continue
         kind = "float"
     return kind
 
@@ -643,13 +675,8 @@ def _label_columns(path: Path, header: list[str], labels: Sequence[str] | None, 
         if missing:
             raise DataError(f"{path}: label column(s) {', '.join(map(repr, missing))} not in the header")
         return tuple(labels)
-    missing = [c for c in dict.fromkeys(spec_labels) if c not in header]
-    if missing:
-        close = difflib.get_close_matches(missing[0], header, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (the header: {', '.join(map(repr, header[:12]))})"
-        raise DataError(f"{path}: no column {missing[0]!r}, which the spec names as a label{hint}")
     found = tuple(c for c in header if c in spec_labels or c.lower() in KNOWN_LABELS)
-    if not found:
+    if not found and not spec_labels:  # with a spec, its checker positions each label the header lacks
         raise DataError(
             f"{path}: no label column found (looked for {', '.join(KNOWN_LABELS)}); name the label columns in the "
             f"spec (`task <name> binary label <column>`) or in {path.parent / SCHEMA_FILE} (\"labels\")"
@@ -662,8 +689,8 @@ def _label_columns(path: Path, header: list[str], labels: Sequence[str] | None, 
 # Its labels are every column the spec names in a label or `where` expression (tasks, outputs, losses,
 # label products included), plus every column with a known label name (click, purchase, label, ...):
 # such a column is never made a feature, even when the spec does not use it, so a label cannot leak into
-# the inputs by being unused. A label the spec names but the header lacks is an error here, with the
-# closest header name. With schema.json the file decides, and a column the spec names as a label that
+# the inputs by being unused. A label the spec names but the header lacks is left to the spec's checker,
+# which positions it in the spec. With schema.json the file decides, and a column the spec names as a label that
 # schema.json lists as a feature is an error, never a silent override (schema_for).
 
 
@@ -684,8 +711,7 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
     header, sample = _read_sample(path, rows)
     if labels is None:
         for info in KNOWN_DATASETS.values():
-            if info.name != "synthetic" and set(header) == set(info.schema.columns) \
-                    and set(spec_labels) <= set(info.schema.labels):
+            if info.name != "synthetic" and set(header) == set(info.schema.columns):
                 return info.schema
     label_cols = _label_columns(path, header, labels, spec_labels)
     user_id = next((c for c in header if c.lower() in KNOWN_GROUP_IDS and c not in label_cols), None)
@@ -695,9 +721,8 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
         if col in label_cols:
             continue
         values = [r[j] for r in sample if j < len(r)]
-        kind = _column_kind(values) if values else "int"
-        # Non-numeric columns are listed as sparse so the loader names the first bad value.
-        (dense if kind == "float" else sparse).append(col)
+        # Columns without a number are listed as sparse so the loader names the first bad value.
+        (dense if _column_kind(values) == "float" else sparse).append(col)
     groups: dict[str, tuple[str, ...]] = {"all": tuple(sparse)}
     for side in ("user", "item"):
         members = tuple(c for c in sparse if c.lower().startswith(side))

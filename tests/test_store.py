@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mtldsl import catalog
-from mtldsl.catalog import schema_for
+from mtldsl.catalog import DataError, schema_for
 from mtldsl.runtime import data as data_mod
 from mtldsl.runtime import store
 from mtldsl.runtime.data import Split, epoch_chunks, load_dataset
@@ -95,9 +95,15 @@ def test_ids_take_the_narrowest_type(tmp_path: Path) -> None:
     for col in ("small", "mid", "big", "huge"):
         np.testing.assert_array_equal(np.asarray(st.sparse[col]), frame[col].to_numpy())
     np.testing.assert_array_equal(np.asarray(st.groups), frame["session"].to_numpy())
+    with pytest.raises(DataError, match=r"train\.csv: column 'big', row 3: id 2147483647 would make an embedding "
+                                        r"table of 2147483648 rows \(32\.0 GiB per 4 dimensions of float32\), over "
+                                        r"the limit of 134217728 rows; .* \"hash_ids\": \{\"big\": 1048576\}"):
+        load_dataset(str(tmp_path / "d"))  # Note [Vocabulary bound]
+    _toy(tmp_path / "d", frame, {**WIDE, "hash_ids": {"big": 1000, "huge": 2**27}})
     ds = load_dataset(str(tmp_path / "d"))
-    assert ds.schema.vocab_sizes == {"small": 256, "mid": 32768, "big": 2**31, "huge": 2**31 + 1}
-    assert ds.test.sparse.dtype == torch.int64 and ds.test.sparse[:, 2].tolist() == [0, 70_000, 2**31 - 1]
+    assert ds.schema.vocab_sizes == {"small": 256, "mid": 32768, "big": 1000, "huge": 2**27}
+    assert ds.test.sparse.dtype == torch.int64 and ds.test.sparse[:, 2].tolist() == [0, 70_000 % 1000, (2**31 - 1) % 1000]
+    assert ds.test.sparse[:, 3].tolist() == [0, 2**31 % 2**27, 5]
 
 
 GOOD = "uid,item,price,click\n1,2,0.5,0\n2,3,0.25,1\n3,4,1.0,0\n"

@@ -383,9 +383,12 @@ def test_format_table_aligns_columns() -> None:
                           "cvr@click": {"auc": 0.6, "logloss": 0.31, "n": 3.0}})
     lines = table.splitlines()
     assert lines[0].split() == ["output", "auc", "logloss", "gauc", "n"]
-    assert lines[1].split() == ["ctr", "0.7123", "0.2000", "nan", "10"]
+    assert lines[1].split() == ["ctr", "0.7123", "0.2000", "undefined", "10"]
     assert lines[2].split() == ["cvr@click", "0.6000", "0.3100", "-", "3"]
-    assert len({len(line) for line in lines}) == 1  # right-aligned numbers: same width on every line
+    assert len({len(line) for line in lines[:3]}) == 1  # right-aligned numbers: same width on every line
+    assert lines[3:] == ["undefined: no group with both classes in the test split (ctr.gauc)"]
+    one_class = format_table({"cvr": {"auc": math.nan, "logloss": 0.1, "n": 5.0}}, "val")
+    assert one_class.splitlines()[-1] == "undefined: one class in the val split (cvr.auc)"
 
 
 def test_runs_atomic_write_keeps_old_content_on_failure(tmp_path: Path) -> None:

@@ -25,12 +25,14 @@ from torch import Tensor
 
 from mtldsl.catalog import (
     KNOWN_DATASETS,
+    MAX_VOCAB,
     DataError,
     DatasetNotFound,
     Schema,
     find_split_files,
     locate,
     named,
+    read_header,
     resolve_folder,
     schema_for,
 )
@@ -41,6 +43,7 @@ from .synthetic import SYNTHETIC_ROWS, generate, split_sizes, synthetic_truth
 
 __all__ = [
     "BLOCK_ROWS",
+    "MIN_TRAIN_ROWS",
     "DataError",
     "Dataset",
     "DatasetNotFound",
@@ -50,7 +53,9 @@ __all__ = [
     "WINDOW_BLOCKS",
     "epoch_chunks",
     "load_dataset",
+    "unlinked_rows",
     "synthetic_truth",
+    "train_batch_count",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,25 @@ Column = np.ndarray | ColumnFile | Tensor  # a stored file, host memory, or (mov
 
 BLOCK_ROWS = 1 << 16
 WINDOW_BLOCKS = 8
+
+# Note [Remainder batch]
+# A training epoch of n rows in batches of B ends with a batch of n mod B rows. When that is one row
+# (and B > 1) it is skipped: BatchNorm cannot normalise a single row in training mode (8 of the shipped
+# specs use it), and a one-row step is the noisiest step there is, so it is skipped for every model
+# alike (the same steps whatever the architecture). The row is not lost for good: the next epoch draws a
+# new order (Note [Block shuffle]), so another row comes last. The step count per epoch is still a
+# function of (n, B) alone (train_batch_count), so a resumed epoch skips the same batches and resume
+# stays exact; under torchrun a rank's share of the tail counts the same way (distributed.py). Evaluation
+# runs in eval mode and uses every row. With --batch-size 1 every batch is one row: a model with
+# BatchNorm refuses it (loop.py), any other trains on every row.
+
+MIN_TRAIN_ROWS = 2  # the smallest training batch when --batch-size > 1 (Note [Remainder batch])
+
+
+def train_batch_count(n: int, batch_size: int) -> int:
+    """Training steps of an epoch of n rows: every batch but a final one of a single row (Note [Remainder batch])."""
+    full, tail = divmod(n, batch_size)
+    return full + (1 if tail >= MIN_TRAIN_ROWS else 0)
 
 
 @dataclass
@@ -338,12 +362,14 @@ class Split:
         generator: torch.Generator | None = None,
         drop_last: bool = False,
         skip: int = 0,
+        min_rows: int = 1,
     ) -> Iterator[dict[str, Tensor]]:
         """Yield {"sparse", "dense", "labels": {name: ...}, "groups"} batches covering every row once.
 
         With shuffle, the epoch's block-shuffled order (Note [Block shuffle], drawn from `generator`);
         without, file order. The first `skip` batches are passed over without reading them (a resumed
-        epoch). `groups` is None when the dataset has no group id. Batches land on `stream_to` when it is
+        epoch); a last batch of fewer than `min_rows` rows is not yielded. `groups` is None when the dataset
+        has no group id. Batches land on `stream_to` when it is
         set (Note [Streamed batches]).
         """
         if batch_size < 1:
@@ -351,8 +377,8 @@ class Split:
         if shuffle and generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         for k, pieces in enumerate(epoch_chunks(len(self), batch_size, generator if shuffle else None)):
-            if drop_last and chunk_len(pieces) < batch_size:
-                return
+            if (drop_last or chunk_len(pieces) < min_rows) and chunk_len(pieces) < batch_size:
+                return  # the last chunk: dropped, or too small to train on (Note [Remainder batch])
             if k >= skip:
                 yield self.gather(pieces)  # type: ignore[misc]
 
@@ -443,6 +469,7 @@ class Dataset:
     source: str  # "synthetic" or the folder path
     val_from_train: bool = False  # no val file: VAL_SHARE of train was held out as val
     notes: tuple[str, ...] = ()  # human-readable remarks worth printing (e.g. the held-out val)
+    warnings: tuple[str, ...] = ()  # likely mistakes in the data, printed even without progress output
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -518,6 +545,7 @@ def _load_folder(
     for split in ("train", "test"):
         if split not in files:
             raise DatasetNotFound(f"{folder}: no {split} file ({split}.csv, {split}.parquet or *_{split}_sample.csv)")
+    _same_columns(files, schema)
     root = cache_root(folder)
     stored: dict[str, Stored] = {}
     splits: dict[str, Split] = {}
@@ -549,23 +577,112 @@ def _load_folder(
         source=str(folder),
         val_from_train=val_from_train,
         notes=tuple(notes),
+        warnings=_label_copies(schema, splits["train"], files["train"]),
     )
 
 
+def _same_columns(files: Mapping[str, Path], schema: Schema) -> None:
+    """A column the schema needs that only the train file has is that file's fault, not the others': say so
+    (the store's check of each file would blame the first file that lacks it)."""
+    if len(files) < 2:
+        return
+    headers = {name: set(read_header(path)) for name, path in files.items()}
+    for col in schema.columns:
+        lacking = [name for name, header in headers.items() if col not in header]
+        if lacking and "train" not in lacking and len(lacking) == len(files) - 1:
+            others = ", ".join(files[name].name for name in lacking)
+            raise DataError(f"{files['train']}: column '{col}' is in this file only ({others} lack it): remove it, "
+                            f"or add it to every split")
+
+
+def unlinked_rows(dataset: Dataset, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, int]]:
+    """Per (label, condition) pair the spec links (`label purchase where click`, `click * purchase`): how many
+    rows of each split have label = 1 with condition = 0. Only the pairs and splits with such rows."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for label, cond in pairs:
+        for name in ("train", "val", "test"):
+            split = dataset.split(name)
+            if label not in split.label_cols or cond not in split.label_cols:
+                continue
+            ys = split.scan(split.label_cols[label])
+            cs = split.scan(split.label_cols[cond])
+            count = sum(int(((np.asarray(y) != 0) & (np.asarray(c) == 0)).sum()) for (_, y), (_, c) in zip(ys, cs))
+            if count:
+                out.setdefault((label, cond), {})[name] = count
+    return out
+
+
+COPY_ROWS = 1 << 16  # train rows compared when looking for copies of a label among the features
+
+
+def _label_copies(schema: Schema, train: Split, path: Path) -> tuple[str, ...]:
+    """Warnings for features equal to a label on the first COPY_ROWS train rows (a label leaking into the
+    inputs makes every metric perfect and the model useless)."""
+    n = min(len(train), COPY_ROWS)
+    labels = {c: np.asarray(train._rows_of(col, 0, n), dtype=np.float64) for c, col in train.label_cols.items()}
+    labels = {c: y for c, y in labels.items() if len(np.unique(y)) > 1}
+    out = []
+    for f, col in (*train.sparse_cols.items(), *train.dense_cols.items()):
+        x = np.asarray(train._rows_of(col, 0, n), dtype=np.float64)
+        for c, y in labels.items():
+            if np.array_equal(x, y):
+                out.append(f"{path}: column '{f}' equals the label '{c}' on the first {n} rows: a copy of the label "
+                           "among the features leaks it into the inputs; drop it (or list it under 'labels' in a "
+                           "schema.json)")
+    return tuple(out)
+
+
+# Note [Vocabulary bound]
+# A field's embedding table has max id + 1 rows, so one stray id (2^40, a raw 64-bit hash) would ask for
+# terabytes. A field's vocabulary is limited to MAX_VOCAB (2^27, 134,217,728 rows: 2 GiB per 4 dimensions
+# of float32, 8 GiB at dim 16, before the optimizer's state); the first id at or beyond it is an error
+# naming the file, column, row and the table it would make. Id spaces that are hashes (or raw ids far
+# sparser than their range) are hashed into a fixed number of buckets instead: `"hash_ids": {"field":
+# buckets}` in the folder's schema.json takes every id of that field modulo the buckets (any 64-bit
+# integer, negative ones too, is accepted there), and the field's vocabulary is the bucket count.
+# Colliding ids then share a row, as in any hashed embedding.
+
+
 def _vocab_sizes(schema: Schema, stored: Mapping[str, Stored], splits: Mapping[str, Split]) -> dict[str, int]:
-    """max id + 1 over all splits; with declared sizes (schema.json), an id beyond them is a DataError."""
-    computed = {col: max(st.max_ids[col] for st in stored.values()) + 1 for col in schema.sparse}
+    """max id + 1 over all splits (the buckets of a hashed field); with declared sizes (schema.json), an id beyond
+    them is a DataError, and so is a vocabulary over MAX_VOCAB (Note [Vocabulary bound])."""
+    computed = {col: schema.hashed.get(col) or max(st.max_ids[col] for st in stored.values()) + 1
+                for col in schema.sparse}
+    for col in schema.sparse:
+        if computed[col] > MAX_VOCAB and col not in schema.hashed:
+            name, (i, v) = _first_id_at_least(stored, splits, col, MAX_VOCAB)
+            raise fail(stored[name].source, col, i, f"id {v} would make an embedding table of {v + 1} rows "
+                       f"({_size(v + 1)} per 4 dimensions of float32), over the limit of {MAX_VOCAB} rows; if the ids "
+                       f"are hashes or sparse, hash them into buckets: \"hash_ids\": {{\"{col}\": {1 << 20}}} in "
+                       f"the folder's schema.json (Note [Vocabulary bound])")
     if schema.vocab_sizes is None:
         return computed
     for col in schema.sparse:
         size = schema.vocab_sizes[col]
         if computed[col] > size:
-            for name, st in stored.items():
-                found = splits[name].first_at_least(col, size)
-                if found is not None:
-                    i, v = found
-                    raise fail(st.source, col, i, f"id {v} is outside the declared vocabulary size {size}")
+            name, (i, v) = _first_id_at_least(stored, splits, col, size)
+            raise fail(stored[name].source, col, i, f"id {v} is outside the declared vocabulary size {size}")
     return dict(schema.vocab_sizes)
+
+
+def _first_id_at_least(stored: Mapping[str, Stored], splits: Mapping[str, Split], col: str,
+                       size: int) -> tuple[str, tuple[int, int]]:
+    """The split and (0-based row, id) of the first id >= size of `col` (the caller knows there is one)."""
+    for name in stored:
+        found = splits[name].first_at_least(col, size)
+        if found is not None:
+            return name, found
+    raise AssertionError(f"no id >= {size} in column {col!r}")
+
+
+def _size(n_rows: int) -> str:
+    """n rows x 16 bytes (4 float32 dimensions), in binary units."""
+    size = float(n_rows * 16)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:

@@ -214,9 +214,11 @@ def _numeric(path: Path, df: pd.DataFrame, col: str, expected: str, base: int) -
     s = df[col]
     if ptypes.is_unsigned_integer_dtype(s.dtype) and s.dtype.itemsize == 8 and not s.hasnans:
         over = (s > np.iinfo(np.int64).max).to_numpy()
-        if over.any():
+        if over.any() and "id" in expected:  # as the file has it, not wrapped to a negative number
             i = _first(over)
-            raise fail(path, col, base + i, f"{expected} {s.iloc[i]} does not fit a signed 64-bit integer")
+            raise fail(path, col, base + i, f"id {s.iloc[i]} does not fit a signed 64-bit integer")
+        if over.any():
+            return s.to_numpy(dtype=np.float64, copy=True)
     if ptypes.is_bool_dtype(s.dtype) or (ptypes.is_integer_dtype(s.dtype) and not s.hasnans):
         return s.to_numpy(dtype=np.int64, copy=True)  # copy: pandas may hand out read-only views
     if ptypes.is_numeric_dtype(s.dtype):
@@ -289,7 +291,10 @@ def _chunk_arrays(df: pd.DataFrame, path: Path, schema: Schema, base: int) -> di
     for col in schema.labels:
         out[Role.label, col] = _finite(path, df, col, base)
     for col in schema.sparse:
-        out[Role.sparse, col] = _ids(path, df, col, base)
+        if col in schema.hashed:  # any 64-bit id, taken modulo the buckets (Note [Vocabulary bound] in data.py)
+            out[Role.sparse, col] = _ids(path, df, col, base, non_negative=False) % schema.hashed[col]
+        else:
+            out[Role.sparse, col] = _ids(path, df, col, base)
     for col in schema.dense:
         out[Role.dense, col] = _finite(path, df, col, base)
     if schema.user_id is not None and schema.user_id not in schema.sparse:
@@ -363,7 +368,7 @@ def _key(path: Path, schema: Schema, rows: int | None) -> dict[str, object]:
     st = path.stat()
     return {"format": FORMAT, "source": {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
             "rows": rows, "labels": list(schema.labels), "sparse": list(schema.sparse), "dense": list(schema.dense),
-            "user_id": schema.user_id}
+            "user_id": schema.user_id, **({"hashed": dict(schema.hashed)} if schema.hashed else {})}
 
 
 def _file_name(role: Role, j: int) -> str:
