@@ -142,6 +142,17 @@ def _semicolons(d: Path) -> None:
         path.write_text(path.read_text().replace(",", ";"))
 
 
+def _tabs(d: Path) -> None:
+    for split in ("train", "val", "test"):
+        path = d / f"{split}.csv"
+        path.write_text(path.read_text().replace(",", "\t"))
+
+
+def _label_and_feature_in_schema(d: Path) -> None:
+    (d / "schema.json").write_text(json.dumps({"labels": ["click", "purchase"], "sparse": ["user_id", "item_id"],
+                                               "dense": ["price", "click"]}))
+
+
 def _extra_column_in_train(d: Path) -> None:
     lines = (d / "train.csv").read_text().splitlines()
     (d / "train.csv").write_text("\n".join([lines[0] + ",extra", *(line + ",1" for line in lines[1:])]) + "\n")
@@ -171,6 +182,9 @@ CASES = {
                   [f"train.csv: column 'item_id', row 7: id {2**64 - 1} does not fit a signed 64-bit"]),
     "padded-header": (_padded_header, ["train.csv: column ' click' has spaces around its name (did you mean 'click'?"]),
     "semicolons": (_semicolons, ["train.csv: the header is the single column", "semicolon-delimited"]),
+    "tabs": (_tabs, ["train.csv: the header is the single column", "tab-delimited"]),
+    "label-also-a-feature-in-schema": (_label_and_feature_in_schema,
+                                       ["schema.json: 'click' in both 'labels' and 'dense': a label is never a feature"]),
     "extra-column-in-train": (_extra_column_in_train,
                               ["train.csv: column 'extra' is in this file only (val.csv, test.csv lack it)"]),
     "label-in-schema-features": (_label_in_schema_features,
@@ -309,3 +323,76 @@ def test_nothing_is_written_into_the_folder_and_edits_win(tmp_path: Path, monkey
     _edit(folder / "train.csv", 2, "price", "0.5")  # fixed: valid again, not "expected an integer id"
     result, _ = train(tmp_path / "fixed", folder)
     assert result.exit_code == 0, result.output
+
+
+# --- issue 9, part 2: the user's own data ------------------------------------------------------------------
+
+SHORT_VIDEO = """model short_video "finish and like"
+data synthetic
+
+task finish binary label finish
+task like binary label like where finish
+
+embedding emb shared { dim 8  fields all }
+
+tower per task { input emb  mlp [8] }
+
+loss finish
+loss like
+"""
+
+
+def _video_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    rng = random.Random(3)
+    for split, n in (("train", 120), ("val", 40), ("test", 40)):
+        rows = []
+        for _ in range(n):
+            finish = int(rng.random() < 0.5)
+            rows.append([str(rng.randrange(9)), str(rng.randrange(7)), f"{rng.random():.2f}", str(finish),
+                         str(int(finish and rng.random() < 0.5))])
+        (folder / f"{split}.csv").write_text(_csv(("user_id", "video_id", "watch", "finish", "like"), rows))
+    return folder
+
+
+def test_labels_the_spec_names_are_labels_for_check_compile_graph_and_train(tmp_path: Path) -> None:
+    spec = tmp_path / "short_video.mtl"
+    spec.write_text(SHORT_VIDEO)
+    folder = _video_folder(tmp_path / "videos")
+    check = runner.invoke(app, ["check", str(spec), "--data", str(folder)])
+    assert check.exit_code == 0, check.output
+    assert "ok (short_video: 2 tasks" in check.stdout
+    compiled = runner.invoke(app, ["compile", str(spec), "--data", str(folder), "-o", str(tmp_path / "gen")])
+    assert compiled.exit_code == 0, compiled.output
+    source = (tmp_path / "gen" / "short_video.py").read_text()
+    assert "SPARSE_FIELDS = ('user_id', 'video_id')" in source  # the labels are no features
+    drawn = runner.invoke(app, ["graph", str(spec), "--data", str(folder), "-o", str(tmp_path / "g.dot")])
+    assert drawn.exit_code == 0, drawn.output
+    result, out = train(tmp_path, folder, spec=spec)
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((out / "metrics.json").read_text())["tasks"]) >= {"finish", "like"}
+    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "train.csv", "val.csv"]
+    recorded = catalog.schema_from_json((out / "schema.json").read_text())  # the schema the run read, in the run
+    assert recorded.labels == ("finish", "like") and recorded.sparse == ("user_id", "video_id")
+    assert recorded.vocab_sizes == {"user_id": 9, "video_id": 7}
+
+
+def test_without_the_spec_the_hint_names_what_exists(tmp_path: Path) -> None:
+    folder = _video_folder(tmp_path / "videos")
+    with pytest.raises(catalog.DataError, match=r"name the label columns in the spec \(`task <name> binary label "
+                                                r"<column>`\) or in .*schema\.json"):
+        catalog.schema_for(str(folder))
+
+
+def test_a_schema_json_that_contradicts_the_spec_is_an_error(tmp_path: Path) -> None:
+    spec = tmp_path / "short_video.mtl"
+    spec.write_text(SHORT_VIDEO)
+    folder = _video_folder(tmp_path / "videos")
+    (folder / "schema.json").write_text(json.dumps({"labels": ["finish"], "sparse": ["user_id", "video_id", "like"],
+                                                    "dense": ["watch"]}))  # e.g. inferred by an older mtldsl
+    check = runner.invoke(app, ["check", str(spec), "--data", str(folder)])
+    assert check.exit_code == 1
+    assert "schema.json: column 'like' is a label in the spec but listed in 'sparse' here" in check.stderr
+    assert "Traceback" not in check.stderr
+    result, out = train(tmp_path, folder, spec=spec)
+    refused(result, out, "column 'like' is a label in the spec but listed in 'sparse' here")

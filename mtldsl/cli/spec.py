@@ -27,13 +27,16 @@ def _report(checked: Checked, strict: bool) -> bool:
     return not checked.errors and not (strict and warnings)
 
 
-def _check(spec: Path, data_dir: Optional[str]) -> Checked:
+def _check(spec: Path, data_dir: Optional[str], data: Optional[str] = None) -> Checked:
     from ..pipeline import check_file
 
     if not spec.is_file():
         typer.echo(f"{spec}: error: no such spec file", err=True)
         raise typer.Exit(1)
-    return check_file(spec, data_dir=data_dir)
+    return check_file(spec, data_dir=data_dir, data=data)
+
+
+DATA_HELP = "Dataset name or folder to check the spec against (default: the spec's `data`), as `train --data`."
 
 
 @app.command()
@@ -41,11 +44,12 @@ def check(
     specs: list[Path] = typer.Argument(..., help="Spec files to check."),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where named datasets live."),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
 ) -> None:
     """Check specs: exit 0 when all are valid, 1 with positioned errors otherwise."""
     ok = True
     for spec in specs:
-        checked = _check(spec, data_dir)
+        checked = _check(spec, data_dir, data)
         good = _report(checked, strict)
         ok &= good
         if good and checked.model is not None:
@@ -61,13 +65,14 @@ def compile_(
     out: Path = typer.Option(Path("generated"), "-o", "--out", help="Output folder."),
     check_only: bool = typer.Option(False, "--check", help="Write nothing; exit 1 when a file is stale."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
 ) -> None:
     """Compile specs to standalone PyTorch modules, `OUT/<model>.py`."""
     from ..codegen import render, write_if_changed
 
     ok = True
     for spec in specs:
-        checked = _check(spec, data_dir)
+        checked = _check(spec, data_dir, data)
         if not _report(checked, strict=False):
             ok = False
             continue
@@ -90,11 +95,12 @@ def graph(
     spec: Path = typer.Argument(..., help="Spec file."),
     out: Path = typer.Option(..., "-o", "--out", help="Picture file: .svg, .png or .dot."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
 ) -> None:
     """Draw the architecture; stop-gradient edges are dashed."""
     from ..draw import draw
 
-    checked = _check(spec, data_dir)
+    checked = _check(spec, data_dir, data)
     if not _report(checked, strict=False):
         raise typer.Exit(1)
     assert checked.graph is not None

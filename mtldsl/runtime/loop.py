@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..catalog import schema_to_json
 from ..pipeline import Checked
 from . import runs
 from .binding import Prepared, check_spec, instantiate, prepare, spec_input, vocab_sizes
@@ -483,6 +484,7 @@ def _start(stack: contextlib.ExitStack, text: str, path: str, options: Mapping[s
             run_dir.mkdir(parents=True, exist_ok=True)
         runs.atomic_write_text(run_dir / runs.SPEC, text)
         runs.atomic_write_text(run_dir / runs.MODEL_SOURCE, prepared.source)
+        runs.atomic_write_text(run_dir / runs.SCHEMA, schema_to_json(prepared.dataset.schema, with_vocab=True))
     if dist is not None:  # one run folder: the name rank 0 chose (its time stamp)
         run_dir = Path(dist.broadcast(str(run_dir) if dist.is_main else None))
     return _Start(cfg, prepared, run_dir, dist, dev)
