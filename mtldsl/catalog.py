@@ -2,21 +2,20 @@
 
 Used by `mtldsl check/compile` to resolve `fields all` / `fields user` at compile time, so it imports
 neither torch nor pandas: named datasets have fixed schemas written here, folders are read with the
-stdlib `csv`/`json` modules (a Parquet folder without `schema.json` loads pyarrow lazily). This module
+stdlib `csv`/`json` modules through datafiles.py (a Parquet folder without `schema.json` loads pyarrow lazily). This module
 never writes, and nothing writes an inferred schema into a data folder (Note [The user's folder]).
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import os
 import re
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .datafiles import DataError, is_data_file, read_sample, unreadable
 
 __all__ = [
     "DataError",
@@ -36,8 +35,6 @@ __all__ = [
     "known_groups",
     "locate",
     "named",
-    "open_csv",
-    "read_header",
     "resolve_folder",
     "schema_for",
     "schema_from_json",
@@ -53,15 +50,10 @@ KNOWN_LABELS = ("click", "purchase", "conversion", "income", "marital status", "
 KNOWN_GROUP_IDS = ("user_id", "userid", "uid", "search_id", "session_id")
 INFER_ROWS = 5000
 MAX_VOCAB = 1 << 27  # rows of one field's embedding table (Note [Vocabulary bound] in runtime/data.py)
-FIELD_LIMIT = 1 << 26  # the longest CSV cell the sample read takes (64 MiB; the csv module's default is 128 KiB)
 SCHEMA_FILE = "schema.json"
 _INT = re.compile(r"[+-]?\d+")
 _SPECIAL_GROUPS = ("all", "sparse", "dense", "none")
 LISTS_GROUP = "lists"  # every list field (Note [List fields] in runtime/layers.py); named only when the data has some
-
-
-class DataError(ValueError):
-    """Bad data or schema; the message names the file, column and (1-based data) row."""
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -332,18 +324,6 @@ def data_roots(data_dir: str | Path | None = None) -> list[Path]:
     return list(dict.fromkeys(roots))
 
 
-def _is_data_file(path: Path) -> bool:
-    """True for a regular file (through symlinks); a link to nothing or a link loop is a DataError, not an absent file."""
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise DataError(f"{path}: a symbolic link to nothing ({os.readlink(path)})") from None
-        return False
-    except OSError as e:  # ELOOP (a symlink loop), EACCES on the folder, ...
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-
-
 def find_split_files(folder: Path, prefix: str | None = None) -> dict[str, Path]:
     """The data file of each split present in `folder` (train.csv / train.parquet / <prefix>_train_sample.csv …).
 
@@ -359,7 +339,7 @@ def find_split_files(folder: Path, prefix: str | None = None) -> dict[str, Path]
                 if prefix:
                     candidates.append(folder / f"{prefix}_{alias}_sample{suffix}")
                     candidates.append(folder / f"{prefix}_{alias}{suffix}")
-        hits = list(dict.fromkeys(c for c in candidates if _is_data_file(c)))
+        hits = list(dict.fromkeys(c for c in candidates if is_data_file(c)))
         if not hits:  # any single <something>_<split>[_sample].<suffix>
             hits = sorted(
                 p
@@ -367,7 +347,7 @@ def find_split_files(folder: Path, prefix: str | None = None) -> dict[str, Path]
                 for suffix in DATA_SUFFIXES
                 for pattern in (f"*_{alias}{suffix}", f"*_{alias}_sample{suffix}")
                 for p in folder.glob(pattern)
-                if _is_data_file(p)
+                if is_data_file(p)
             )
         if len(hits) > 1:
             names = ", ".join(sorted(p.name for p in hits))
@@ -528,127 +508,6 @@ def _list_weights(value: object, lists: tuple[str, ...], taken: set[str], path: 
 # --- inference ------------------------------------------------------------------------------------
 
 
-def _cell(v: object) -> str:
-    """A Parquet value as CSV would show it."""
-    return "" if v is None else repr(v) if isinstance(v, float) else str(v)
-
-
-def open_csv(path: Path):  # type: ignore[no-untyped-def]
-    """A CSV file (gzipped when it ends in .gz) as text; a UTF-8 byte-order mark is dropped."""
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
-def _unreadable(path: Path, e: BaseException, line: int) -> DataError:
-    """The one-line DataError of a read that failed at (1-based file) `line` of `path`."""
-    if isinstance(e, UnicodeDecodeError):
-        line = _first_non_utf8_line(path) or line  # the decoder reads ahead: find the line itself
-    where = "the header" if line <= 1 else f"row {line - 1}"
-    if isinstance(e, UnicodeDecodeError):
-        return DataError(f"{path}: {where}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8")
-    if isinstance(e, csv.Error):
-        if "field larger" in str(e):
-            return DataError(f"{path}: {where}: a cell longer than {FIELD_LIMIT} characters (an unclosed quote?)")
-        return DataError(f"{path}: {where}: cannot parse: {e}")
-    if isinstance(e, (EOFError, gzip.BadGzipFile)):
-        return DataError(f"{path}: not a complete gzip file ({e})")
-    if isinstance(e, OSError):
-        return DataError(f"{path}: cannot read: {e.strerror or e}")
-    return DataError(f"{path}: cannot read: {e}")
-
-
-def _first_non_utf8_line(path: Path) -> int | None:
-    """The 1-based line of the first bytes that are not UTF-8 (an error path: reads the file up to there)."""
-    try:
-        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
-            for i, raw in enumerate(f):
-                try:
-                    raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    return i + 1
-    except (OSError, EOFError):
-        return None
-    return None
-
-
-def _check_header(path: Path, header: list[str]) -> list[str]:
-    """The header, or a DataError for one that cannot be meant (empty, repeated or space-padded names, another
-    delimiter). Names are shown quoted exactly as in the file."""
-    if not header or header == [""]:
-        raise DataError(f"{path}: empty file")
-    if len(header) == 1:
-        for sep, name in ((";", "semicolon"), ("\t", "tab")):
-            if sep in header[0]:
-                raise DataError(f"{path}: the header is the single column {header[0][:60]!r}: the file looks "
-                                f"{name}-delimited; mtldsl reads comma-separated files")
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise DataError(f"{path}: duplicate column(s) {', '.join(map(repr, dupes))} in the header")
-    padded = [h for h in header if h != h.strip()]
-    if padded:
-        raise DataError(f"{path}: column {padded[0]!r} has spaces around its name (did you mean "
-                        f"{padded[0].strip()!r}? write the header without spaces after the commas)")
-    return header
-
-
-def _parquet(path: Path):  # type: ignore[no-untyped-def]
-    import pyarrow.parquet as pq  # lazy: only folders of Parquet without schema.json need it
-
-    try:
-        return pq.ParquetFile(path)
-    except PermissionError as e:
-        raise _unreadable(path, e, 0) from None
-    except Exception as e:  # pyarrow raises several types for a damaged, truncated or empty file
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-
-
-def read_header(path: Path) -> list[str]:
-    """The column names of a data file (CSV, .csv.gz or Parquet), checked (_check_header); errors are DataErrors."""
-    if path.suffix == ".parquet":
-        return _check_header(path, list(_parquet(path).schema_arrow.names))
-    return _read_sample(path, 0)[0]
-
-
-def _read_sample(path: Path, n: int) -> tuple[list[str], list[list[str]]]:
-    """Header and up to n rows of a data file, as strings; a row with more fields than the header is an error."""
-    if path.suffix == ".parquet":
-        pf = _parquet(path)
-        header = _check_header(path, list(pf.schema_arrow.names))
-        rows: list[list[str]] = []
-        try:
-            for batch in pf.iter_batches(batch_size=max(n, 1)):
-                cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-                rows.extend([_cell(v) for v in r] for r in zip(*cols))
-                break
-        except Exception as e:  # a truncated or corrupt row group
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-        return header, rows[:n]
-    line = 1
-    limit = csv.field_size_limit(FIELD_LIMIT)
-    try:
-        with open_csv(path) as f:
-            reader = csv.reader(f)
-            header = _check_header(path, next(reader, []))
-            rows = []
-            while len(rows) < n:
-                row = next(reader, None)
-                line = reader.line_num + 1
-                if row is None:
-                    break
-                if len(row) > len(header) and any(c.strip() for c in row[len(header):]):
-                    raise DataError(f"{path}: row {len(rows) + 1}: {len(row)} fields, the header has {len(header)} "
-                                    "(an unquoted comma inside a value?)")
-                rows.append(row)
-    except DataError:
-        raise
-    except (UnicodeDecodeError, csv.Error, OSError, EOFError) as e:
-        raise _unreadable(path, e, line) from None
-    finally:
-        csv.field_size_limit(limit)
-    return header, rows
-
-
 def _column_kind(values: list[str]) -> str:
     """'float' when some sampled value is a number that is not an integer literal, else 'int' when some value is an
     integer, else 'other'. Cells that are not numbers do not decide the kind (a stray 'n/a' in a price column
@@ -708,7 +567,7 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
     if "train" not in files:
         raise DatasetNotFound(f"{folder}: no train file (train.csv, train.parquet, train.csv.gz or *_train_sample.csv)")
     path = files["train"]
-    header, sample = _read_sample(path, rows)
+    header, sample = read_sample(path, rows)
     if labels is None:
         for info in KNOWN_DATASETS.values():
             if info.name != "synthetic" and set(header) == set(info.schema.columns):
@@ -773,11 +632,11 @@ def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Seque
         return schema
     path = locate(source, data_dir)
     schema_file = path / SCHEMA_FILE
-    if _is_data_file(schema_file):
+    if is_data_file(schema_file):
         try:
             text = schema_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
-            raise _unreadable(schema_file, e, 0) from None
+            raise unreadable(schema_file, e, 0) from None
         schema = schema_from_json(text, path=schema_file, default_name=path.resolve().name)
         if labels is not None and tuple(labels) != schema.labels:
             raise DataError(f"{schema_file}: labels are {', '.join(schema.labels)}; edit the file to change them")

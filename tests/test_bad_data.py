@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from mtldsl import catalog
+from mtldsl import catalog, datafiles
 from mtldsl.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_an_unreadable_train_file_is_one_line(tmp_path: Path, monkeypatch: pytes
     def denied(path: Path):  # type: ignore[no-untyped-def]  # chmod 000 does not stop root, which tests may run as
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(catalog, "open_csv", denied)
+    monkeypatch.setattr(datafiles, "open_csv", denied)
     result, out = train(tmp_path, folder)
     refused(result, out, "train.csv: cannot read: Permission denied")
 

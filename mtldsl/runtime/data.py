@@ -32,10 +32,10 @@ from mtldsl.catalog import (
     find_split_files,
     locate,
     named,
-    read_header,
     resolve_folder,
     schema_for,
 )
+from mtldsl.datafiles import read_header
 
 from . import synthetic
 from .store import ColumnFile, Stored, cache_root, fail, fmt, narrow_id_dtype, open_store

@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as ptypes
 
-from mtldsl.catalog import DataError, Schema, open_csv, read_header
+from mtldsl.catalog import DataError, Schema
+from mtldsl.datafiles import open_csv, read_header
 
 __all__ = ["CACHE_DIR", "CACHE_ENV", "CHUNK_ROWS", "FORMAT", "ColumnFile", "Role", "Stored", "cache_root",
            "narrow_id_dtype", "npy_writer", "open_columns", "open_store", "publish", "user_cache"]
