@@ -491,3 +491,24 @@ def test_training_on_streamed_batches_equals_resident_training(tmp_path: Path, m
     a, b = resident.model.state_dict(), streamed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert streamed.metrics["tasks"] == resident.metrics["tasks"]
+
+
+@pytest.mark.parametrize(("n", "batch_size", "world"), [(1001, 100, 1), (1002, 100, 1), (401, 100, 2), (403, 100, 2),
+                                                        (7, 1, 1), (9, 2, 2), (1000, 100, 1)])
+def test_a_remainder_of_one_row_is_not_a_training_batch(n: int, batch_size: int, world: int) -> None:
+    # Note [Remainder batch]: the counts the loop resumes by equal what the batches yield, with and without DDP
+    from mtldsl.runtime.data import MIN_TRAIN_ROWS, train_batch_count
+    from mtldsl.runtime.distributed import batches_per_epoch, rows_per_epoch, shard_batches
+
+    split = _toy_split(n)
+    if world == 1:
+        sizes = [len(b["sparse"]) for b in split.batches(batch_size, shuffle=True, min_rows=MIN_TRAIN_ROWS,
+                                                         generator=torch.Generator().manual_seed(0))]
+        assert len(sizes) == train_batch_count(n, batch_size) == batches_per_epoch(n, batch_size, 1)
+    else:
+        shards = [[len(b["sparse"]) for b in shard_batches(split, batch_size, r, world, torch.Generator().manual_seed(0))]
+                  for r in range(world)]
+        assert shards[0] == shards[1] and len(shards[0]) == batches_per_epoch(n, batch_size, world)
+        sizes = [s * world for s in shards[0]]
+    assert sum(sizes) == rows_per_epoch(n, batch_size, world)
+    assert batch_size == 1 or min(sizes) >= MIN_TRAIN_ROWS * world
