@@ -227,6 +227,19 @@ def test_a_bom_gz_and_sample_names_train(tmp_path: Path) -> None:
     assert metrics["data"]["rows"] == {"train": 200, "val": 60, "test": 60}
 
 
+def test_hash_ids_trains_a_huge_id_space_and_evaluate_reuses_it(tmp_path: Path) -> None:
+    folder = make(tmp_path / "data")
+    _huge_vocabulary(folder)
+    _edit(folder / "train.csv", 3, "item_id", str(2**40 + 5))
+    result, out = train(tmp_path, folder, "--hash-ids", "1024")
+    assert result.exit_code == 0, result.output
+    schema = catalog.schema_from_json((out / "schema.json").read_text())
+    assert schema.vocab_sizes == {"user_id": 20, "item_id": 30}  # 2^40 + 5 -> 5 and 2^40 -> 0 (mod 1024): < 30
+    assert json.loads((out / "metrics.json").read_text())["config"]["hash_ids"] == 1024
+    evaluated = runner.invoke(app, ["evaluate", str(out)])
+    assert evaluated.exit_code == 0, evaluated.output
+
+
 # --- the remainder batch (Note [Remainder batch]) ---------------------------------------------------------
 
 

@@ -135,7 +135,7 @@ def check_spec(text: str, path: str, *, data: str | None, data_dir: str | None) 
 
 def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, rows: int | None, data_seed: int,
             device: torch.device, source: str | None = None,
-            checked: tuple[Checked, str, Any] | None = None) -> Prepared:
+            checked: tuple[Checked, str, Any] | None = None, hash_ids: int | None = None) -> Prepared:
     """Check the spec against the dataset (check_spec), load the data, compile (or reuse `source`), cut the splits."""
     from .. import compile_spec, load_module
     from ..codegen import class_name
@@ -145,7 +145,7 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     assert spec.model is not None
     objective = Objective(spec.model)
     dataset = load_dataset(data, data_dir=data_dir, rows=rows, seed=data_seed, binary_labels=objective.binary_columns,
-                           schema=schema)
+                           schema=schema, hash_ids=hash_ids)
     if not _same_fields(dataset.schema, schema):  # e.g. a folder whose schema was inferred differently on load
         spec = _check_against(text, path, dataset.schema)
         assert spec.model is not None

@@ -489,6 +489,7 @@ def load_dataset(
     labels: Sequence[str] | None = None,
     binary_labels: Sequence[str] = (),
     schema: Schema | None = None,
+    hash_ids: int | None = None,
 ) -> Dataset:
     """Load a named dataset or a folder (through its column store: Note [Column store]).
 
@@ -497,6 +498,7 @@ def load_dataset(
     labels: label columns of a folder without schema.json. binary_labels: label columns that must be
     0 or 1 (the binary tasks'; the loader does not know task kinds). schema: a folder's schema as the
     caller resolved it (with the spec's labels: Note [Inferred labels] in catalog.py); else resolved here.
+    hash_ids: hash every sparse field not hashed by the schema into that many buckets (Note [Vocabulary bound]).
     An inferred schema is never written into the folder (Note [The user's folder] in store.py).
     """
     if rows is not None and rows < 1:
@@ -514,6 +516,8 @@ def load_dataset(
         if schema is None:
             schema = schema_for(str(folder), labels=labels)
         prefix = None
+    if hash_ids is not None:
+        schema = replace(schema, hashed={**{f: hash_ids for f in schema.sparse}, **schema.hashed})
     unknown_binary = [c for c in binary_labels if c not in schema.labels]
     if unknown_binary:
         raise DataError(f"{folder}: binary label(s) {', '.join(map(repr, unknown_binary))} are not label columns")
@@ -639,22 +643,23 @@ def _label_copies(schema: Schema, train: Split, path: Path) -> tuple[str, ...]:
 # naming the file, column, row and the table it would make. Id spaces that are hashes (or raw ids far
 # sparser than their range) are hashed into a fixed number of buckets instead: `"hash_ids": {"field":
 # buckets}` in the folder's schema.json takes every id of that field modulo the buckets (any 64-bit
-# integer, negative ones too, is accepted there), and the field's vocabulary is the bucket count.
-# Colliding ids then share a row, as in any hashed embedding.
+# integer, negative ones too, is accepted there), and `mtldsl train --hash-ids N` does so for every id
+# field the schema does not hash (ids below N are unchanged, so small fields keep their size). A hashed
+# field's vocabulary is its largest id after hashing + 1, at most the bucket count. Colliding ids then
+# share a row, as in any hashed embedding; a run records its --hash-ids, and evaluate/predict reuse it.
 
 
 def _vocab_sizes(schema: Schema, stored: Mapping[str, Stored], splits: Mapping[str, Split]) -> dict[str, int]:
     """max id + 1 over all splits (the buckets of a hashed field); with declared sizes (schema.json), an id beyond
     them is a DataError, and so is a vocabulary over MAX_VOCAB (Note [Vocabulary bound])."""
-    computed = {col: schema.hashed.get(col) or max(st.max_ids[col] for st in stored.values()) + 1
-                for col in schema.sparse}
+    computed = {col: max(st.max_ids[col] for st in stored.values()) + 1 for col in schema.sparse}
     for col in schema.sparse:
         if computed[col] > MAX_VOCAB and col not in schema.hashed:
             name, (i, v) = _first_id_at_least(stored, splits, col, MAX_VOCAB)
             raise fail(stored[name].source, col, i, f"id {v} would make an embedding table of {v + 1} rows "
                        f"({_size(v + 1)} per 4 dimensions of float32), over the limit of {MAX_VOCAB} rows; if the ids "
-                       f"are hashes or sparse, hash them into buckets: \"hash_ids\": {{\"{col}\": {1 << 20}}} in "
-                       f"the folder's schema.json (Note [Vocabulary bound])")
+                       f"are hashes or sparse, hash them into buckets: --hash-ids {1 << 20}, or \"hash_ids\": "
+                       f"{{\"{col}\": {1 << 20}}} in the folder's schema.json (Note [Vocabulary bound])")
     if schema.vocab_sizes is None:
         return computed
     for col in schema.sparse:

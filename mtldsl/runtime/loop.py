@@ -451,8 +451,8 @@ def _resume(stack: contextlib.ExitStack, text: str, path: str, options: Mapping[
     cfg = resume_config(ckpt["config"], options, run_dir)
     dist, dev = _join_group(stack, resolve_device(cfg.device))
     source = (run_dir / runs.MODEL_SOURCE).read_text(encoding="utf-8")
-    prepared = prepare(text, path, data=cfg.data, data_dir=cfg.data_dir, rows=cfg.rows, data_seed=cfg.data_seed,
-                       device=dev, source=source)
+    prepared = prepare(text, path, data=cfg.data, data_dir=cfg.data_dir, rows=cfg.rows, hash_ids=cfg.hash_ids,
+                       data_seed=cfg.data_seed, device=dev, source=source)
     if dist is None or dist.is_main:
         runs.clean_stale_tmp(run_dir)
     return _Start(cfg, prepared, run_dir, dist, dev, ckpt)
@@ -471,8 +471,8 @@ def _start(stack: contextlib.ExitStack, text: str, path: str, options: Mapping[s
     make_monitor(cfg.monitor, Objective(model_ir), True)  # before loading any data; gauc is re-checked below
     if out is not None and ((Path(out) / runs.LAST).exists() or (Path(out) / runs.CHECKPOINT).exists()):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or another --out")
-    prepared = prepare(text, path, data=data_source, data_dir=cfg.data_dir, rows=cfg.rows, data_seed=cfg.data_seed,
-                       device=dev, checked=spec_checked)
+    prepared = prepare(text, path, data=data_source, data_dir=cfg.data_dir, rows=cfg.rows, hash_ids=cfg.hash_ids,
+                       data_seed=cfg.data_seed, device=dev, checked=spec_checked)
     _check_trainable(prepared, cfg)
     make_monitor(cfg.monitor, prepared.objective, prepared.dataset.train.has_groups)
     run_dir = Path()
