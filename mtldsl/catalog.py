@@ -12,12 +12,13 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .datafiles import DataError, is_data_file, read_sample, unreadable
 
 __all__ = [
+    "ALI_CCP_LISTS",
     "DataError",
     "DatasetInfo",
     "DatasetNotFound",
@@ -49,7 +50,7 @@ KNOWN_LABELS = ("click", "purchase", "conversion", "income", "marital status", "
 # Column names taken as the gAUC group id when a folder's schema is inferred.
 KNOWN_GROUP_IDS = ("user_id", "userid", "uid", "search_id", "session_id")
 INFER_ROWS = 5000
-MAX_VOCAB = 1 << 27  # rows of one field's embedding table (Note [Vocabulary bound] in runtime/data.py)
+MAX_VOCAB = 1 << 27  # rows of one field's embedding table (Note [Vocabulary bound] in runtime/datacheck.py)
 SCHEMA_FILE = "schema.json"
 _INT = re.compile(r"[+-]?\d+")
 _SPECIAL_GROUPS = ("all", "sparse", "dense", "none")
@@ -174,6 +175,21 @@ def _ali_ccp_schema(name: str, vocab_sizes: Mapping[str, int] | None = None) -> 
     )
 
 
+# Note [Ali-CCP lists]
+# The behaviour fields 109_14, 110_14, 127_14 and 150_14 are lists of (id, value) entries. `mtldsl data
+# prepare ali_ccp` keeps them whole by default (list fields, their values as the weights `<f>_w`); with
+# `--last-entry` it keeps only each list's last id, as torch-rechub does, and they stay single-valued.
+# So the named dataset has two schemas: ALI_CCP_LISTS when the prepared folder's schema.json declares list
+# fields, else the single-valued one (also when no folder is present, so `check`/`compile` need no files).
+# `fields all` means the single-valued fields on every dataset (docs/language.md, List fields), so on a
+# full-list folder a spec saying `fields all` does not read the four behaviour id lists (their D<f>
+# values stay: they are dense columns). That is said, not silent: training prints which list fields the
+# model does not read and how to read them (binding.unread_lists). Reading them needs a table with
+# `pool`, which the validator refuses on data without lists (synthetic), and the shipped specs must run
+# on synthetic, so they keep `fields all`; a spec for the full lists adds e.g.
+# `embedding beh shared { dim 16  fields lists  pool sum }`, and `--last-entry` gives the shipped specs
+# the torch-rechub features exactly.
+
 _CENSUS_DENSE = (
     "age",
     "wage per hour",
@@ -221,6 +237,17 @@ _ALIEXPRESS_SPARSE = tuple(f"categorical_{i}" for i in range(1, 17))
 _ALIEXPRESS_DENSE = tuple(f"numerical_{i}" for i in range(1, 64))
 
 _TIANCHI = "https://tianchi.aliyun.com/dataset/"
+
+
+def _ali_ccp_lists_schema(name: str) -> Schema:
+    """Ali-CCP with whole behaviour lists (Note [Ali-CCP lists]): the behaviour fields are weighted list fields."""
+    base = _ali_ccp_schema(name)
+    sparse = tuple(f for f in base.sparse if f not in _ALI_CCP_BEHAVIOUR)
+    return replace(base, sparse=sparse, groups={**base.groups, "all": sparse}, lists=_ALI_CCP_BEHAVIOUR,
+                   list_weights={f: f"{f}_w" for f in _ALI_CCP_BEHAVIOUR})
+
+
+ALI_CCP_LISTS = _ali_ccp_lists_schema("ali_ccp")
 
 KNOWN_DATASETS: dict[str, DatasetInfo] = {
     "synthetic": DatasetInfo(
@@ -574,10 +601,12 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
                 return info.schema
     label_cols = _label_columns(path, header, labels, spec_labels)
     user_id = next((c for c in header if c.lower() in KNOWN_GROUP_IDS and c not in label_cols), None)
+    lists, list_weights = _parquet_lists(path) if path.suffix == ".parquet" else ((), {})
+    listed = {*lists, *list_weights.values()}
     sparse: list[str] = []
     dense: list[str] = []
     for j, col in enumerate(header):
-        if col in label_cols:
+        if col in label_cols or col in listed:
             continue
         values = [r[j] for r in sample if j < len(r)]
         # Columns without a number are listed as sparse so the loader names the first bad value.
@@ -594,7 +623,34 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
         dense=tuple(dense),
         groups=groups,
         user_id=user_id,
+        lists=lists,
+        list_weights=list_weights,
     )
+
+
+WEIGHT_SUFFIXES = ("_w", "_weight", "_weights")  # `<field><suffix>`: the weights of list field <field>
+
+
+def _parquet_lists(path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The list fields of a Parquet file (list<integer> columns) and their weights: a list<float> column named
+    `<field>_w`, `<field>_weight` or `<field>_weights` (Note [List columns] in runtime/store.py)."""
+    import pyarrow as pa  # lazy, as in _read_sample
+    import pyarrow.parquet as pq
+
+    types = {f.name: f.type for f in pq.ParquetFile(path).schema_arrow}
+    kinds = {c: t.value_type for c, t in types.items()
+             if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)}
+    lists = tuple(c for c, v in kinds.items() if pa.types.is_integer(v))
+    weights: dict[str, str] = {}
+    for col, v in kinds.items():
+        if col in lists:
+            continue
+        owner = next((col[:-len(x)] for x in WEIGHT_SUFFIXES if col.endswith(x) and col[:-len(x)] in lists), None)
+        if not pa.types.is_floating(v) or owner is None or owner in weights:
+            raise DataError(f"{path}: column '{col}' holds lists of {v}: a list column is a list field (list<int>) or "
+                            f"its weights (list<float> named '<field>_w'); say which in {path.parent / SCHEMA_FILE}")
+        weights[owner] = col
+    return lists, weights
 
 
 def named(source: str) -> str | None:
@@ -617,6 +673,18 @@ def locate(source: str, data_dir: str | Path | None = None) -> Path:
     raise DatasetNotFound(f"no dataset '{source}': not a folder and not one of {known}")
 
 
+def _named_schema(key: str, data_dir: str | Path | None) -> Schema:
+    """A named dataset's schema; for ali_ccp, the whole-lists one when its folder was prepared so (Note [Ali-CCP lists])."""
+    schema = KNOWN_DATASETS[key].schema
+    if key != "ali_ccp":
+        return schema
+    try:
+        declared = json.loads((resolve_folder(key, data_dir) / SCHEMA_FILE).read_text(encoding="utf-8"))
+    except (DatasetNotFound, OSError, ValueError):
+        return schema  # no folder (yet), or no readable schema.json: the single-valued layout
+    return ALI_CCP_LISTS if isinstance(declared, dict) and declared.get("lists") else schema
+
+
 def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Sequence[str] | None = None,
                spec_labels: Sequence[str] = ()) -> Schema:
     """The schema of a named dataset (fixed, no files needed) or of a folder (schema.json, else inferred).
@@ -626,7 +694,7 @@ def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Seque
     """
     key = named(source)
     if key is not None:
-        schema = KNOWN_DATASETS[key].schema
+        schema = _named_schema(key, data_dir)
         if labels is not None and tuple(labels) != schema.labels:
             raise DataError(f"dataset '{key}' has fixed labels {', '.join(schema.labels)}; labels apply to folders")
         return schema

@@ -19,10 +19,9 @@ import networkx as nx
 from . import __version__, names
 from .graph import input_width, producer_id
 from .ir import Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model
+from .resources import template_text
 from .vocab import TaskKind
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "templates"
 LAYERS = Path(__file__).resolve().parent / "runtime" / "layers.py"
 BEGIN = "# mtldsl:standalone begin (from mtldsl/runtime/layers.py)"
 END = "# mtldsl:standalone end"
@@ -45,7 +44,9 @@ def ident(name: str, local: bool = False) -> str:
 
 def class_name(model_name: str) -> str:
     """The generated class: names.class_name's spelling (one rule, so the collision check sees it) of a checked name."""
-    return names.class_name(ident(model_name))
+    if names.class_problem(ident(model_name)) is not None:
+        raise CodegenError(f"refusing to emit class {names.class_name(model_name)!r}")
+    return names.class_name(model_name)
 
 
 def standalone_layers() -> str:
@@ -273,7 +274,7 @@ def _display_path(path: str) -> str:
 
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        loader=jinja2.FunctionLoader(template_text),  # the packaged templates (Note [Packaged resources])
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

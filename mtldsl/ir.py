@@ -225,8 +225,10 @@ class Model(_Node):
         return next((t for t in self.tasks if t.name == name), None)
 
     def block(self, name: str) -> EmbeddingTable | ExpertGroup | Gate | Tower | None:
-        for blocks in (self.embeddings, self.experts, self.gates, self.towers):
-            for b in blocks:
-                if b.name == name:
-                    return b
-        return None
+        """The block a reference to `name` means: when a name is declared twice, the first declaration in the
+        text, whatever its kind (validate.py reports the second), so that every message agrees on what it is;
+        an implied tower only when no declared block has the name."""
+        found = [b for blocks in (self.embeddings, self.experts, self.gates) for b in blocks if b.name == name]
+        if found:
+            return min(found, key=lambda b: (b.span.line, b.span.column))
+        return next((t for t in self.towers if t.name == name), None)

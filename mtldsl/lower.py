@@ -19,9 +19,11 @@ from .catalog import LISTS_GROUP, Schema, field_group
 from .diagnostics import NOWHERE, Diagnostic, Span, did_you_mean, error
 from .ir import (BlockKind, Combine, Declaration, EmbeddingTable, ExpertGroup, Gate, Input, Loss, Mlp, Model, NameRef,
                  Output, Route, Task, Tower, Train, Transfer)
+from .size import LIMITS
 from .vocab import Activation, Optimizer, Pooling, TaskKind, Weighting, names
 
 DEFAULT_DATA = "synthetic"  # the dataset of a spec without a `data` line
+_LIMITS_HINT = "sizes have limits, so that a typo fails `check`, not the allocation (docs/language.md, Limits)"
 
 TRAIN_KEYS: dict[str, Callable[[Any], Any]] = {
     "optimizer": str, "lr": float, "weight_decay": float, "batch_size": int, "epochs": int,
@@ -77,7 +79,7 @@ class Lowering:
         task_decls = [i for i in spec.items if isinstance(i, s.TaskDecl)]
         self.tasks = list(dict.fromkeys(t.name for t in task_decls))  # validate.py reports repeats
         self.levels_decl = next((i for i in spec.items if isinstance(i, s.LevelsDecl)), None)
-        self.levels = self.levels_decl.count if self.levels_decl else 0
+        self.levels = min(self.levels_decl.count, LIMITS["levels"]) if self.levels_decl else 0  # Note [Size limits]
         top = [i for i in spec.items if isinstance(i, BlockDecl)]
         in_levels = list(self.levels_decl.blocks) if self.levels_decl else []
         self.decls: dict[str, _Decl] = {}  # the first declaration of each name, top level first (validate.py reports repeats)
@@ -140,8 +142,8 @@ class Lowering:
 
     def embedding(self, e: s.EmbeddingDecl) -> None:
         props = self.props(e.props, ("dim", "fields", "dense", "copies", "pool"), f"embedding '{e.name}'")
-        dim = int(props["dim"].value) if "dim" in props else 16  # type: ignore[arg-type]
-        copies = int(props["copies"].value) if "copies" in props else 1  # type: ignore[arg-type]
+        dim = self.bounded(props, "dim", 16, f"embedding '{e.name}'")
+        copies = self.bounded(props, "copies", 1, f"embedding '{e.name}'")
         if dim <= 0:
             self.err(f"embedding '{e.name}': dim must be positive", props["dim"].span)
         if copies <= 0:
@@ -181,11 +183,13 @@ class Lowering:
     def expert_group(self, e: s.ExpertsDecl, level: int) -> None:
         what = f"experts '{e.name}'"
         props = self.props(e.props, ("count", "input", *_MLP_KEYS), what)
-        count = int(props["count"].value) if "count" in props else 1  # type: ignore[arg-type]
+        count = self.bounded(props, "count", 1, what)
         if count <= 0:
             self.err(f"{what}: count must be positive", props["count"].span)
         if "mlp" not in props:
             self.err(f"{what} has no `mlp [...]` layers", e.span, "experts need at least one layer, e.g. `mlp [64]`")
+        elif not props["mlp"].value:
+            self.err(f"{what} has an empty `mlp []`", props["mlp"].span, "experts need at least one layer, e.g. `mlp [64]`")
         mlp = self.mlp(props, what)
         for owner in self.owners(e.owner):
             inp = self.block_input(props, owner, level, e.span, what, "add `input <embedding>`")
@@ -211,7 +215,9 @@ class Lowering:
             return
         if self.levels < 1:
             self.err("`levels` needs a count of at least 1", lv.span)
-        for level in range(1, max(lv.count, 1) + 1):
+        if lv.count > LIMITS["levels"]:
+            self.err(f"levels {lv.count} is above the limit of {LIMITS['levels']}", lv.span, _LIMITS_HINT)
+        for level in range(1, max(self.levels, 1) + 1):
             for b in lv.blocks:
                 if isinstance(b, s.ExpertsDecl):
                     self.expert_group(b, level)
@@ -471,6 +477,15 @@ class Lowering:
             seen[p.key] = p
         return seen
 
+    def bounded(self, props: dict[str, s.Prop], key: str, default: int, what: str) -> int:
+        """An integer size (`count`, `dim`, `copies`); one above its limit is reported (Note [Size limits])."""
+        if key not in props:
+            return default
+        value = int(props[key].value)  # type: ignore[arg-type]
+        if value > LIMITS[key]:  # kept as written: nothing before codegen (which never sees it) loops over it
+            self.err(f"{what}: {key} {value} is above the limit of {LIMITS[key]}", props[key].span, _LIMITS_HINT)
+        return value
+
     def mlp(self, props: dict[str, s.Prop], what: str) -> Mlp:
         dims = props["mlp"].value if "mlp" in props else ()
         activation = props["activation"].value if "activation" in props else Activation.relu.value
@@ -488,6 +503,9 @@ class Lowering:
         for d in dims:  # type: ignore[union-attr]
             if d <= 0:
                 self.err(f"{what}: layer width {d} must be positive", props["mlp"].span)
+            elif d > LIMITS["width"]:
+                self.err(f"{what}: layer width {d} is above the limit of {LIMITS['width']}", props["mlp"].span,
+                         _LIMITS_HINT)
         return Mlp(dims=tuple(dims), activation=activation, dropout=dropout,  # type: ignore[arg-type]
                    batch_norm=bool(props["batch_norm"].value) if "batch_norm" in props else False,
                    span=props["mlp"].span if "mlp" in props else NOWHERE)

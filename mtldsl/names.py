@@ -7,6 +7,7 @@ back `name_problem(name, local)`, why it cannot be an identifier in generated co
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import re
 
@@ -58,13 +59,30 @@ LANGUAGE_NAMES = frozenset({"own", "other", "sum", "concat", "mean"})
 SOFT_KEYWORDS = frozenset({"_", "case", "match", "type"})
 # Classes a generated file defines or imports (runtime/layers.py's standalone part); the model's class
 # name must differ: a model named `gate` would become `class Gate` and shadow the layer.
+# The constants it defines are listed too: `a_c_t_i_v_a_t_i_o_n_s` makes the class `ACTIVATIONS`.
 GENERATED_CLASSES = frozenset({"Tensor", "Module", "FusedEmbedding", "MLP", "BatchedExperts", "Gate", "Tower",
-                               "InfoTransfer", "_Lookup"})  # _Lookup: no spec name can make it, listed for the test
+                               "InfoTransfer", "_Lookup",  # _Lookup: no spec name can make it, listed for the test
+                               "ACTIVATIONS"})
 
 
 def class_name(model_name: str) -> str:
-    """`me_mmoe` -> `MeMmoe`: the generated module's class (validate.py checks it against GENERATED_CLASSES)."""
+    """`me_mmoe` -> `MeMmoe`: the generated module's class (validate.py checks it with class_problem)."""
     return "".join(part.capitalize() for part in model_name.split("_") if part) or "Model"
+
+
+def class_problem(model_name: str) -> str | None:
+    """Why the class made from a valid model name cannot be the generated class, or None: it completes
+    "model name 'none' makes the class 'None', which {reason}". The transform capitalises, so a name
+    that is safe in lower case may make a keyword (`none`, `true`, `false`), a builtin the generated
+    code may call (`value_error` makes `ValueError`, which layers.py raises) or one of its own classes."""
+    cls = class_name(model_name)
+    if keyword.iskeyword(cls):
+        return "is a Python keyword"
+    if cls in dir(builtins):
+        return "is a Python builtin"
+    if cls in GENERATED_CLASSES:
+        return "the generated code already uses"
+    return None
 
 
 def name_problem(name: str, local: bool = True) -> tuple[str, str | None] | None:

@@ -8,24 +8,27 @@ parser reports the end of the text as an UnexpectedToken `$END` (only Earley rai
 from __future__ import annotations
 
 import functools
+import math
 import re
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedInput, VisitError
 
 from . import syntax as s
-from .diagnostics import Diagnostic, SourceFile, Span, did_you_mean, error
+from .diagnostics import Diagnostic, SourceFile, Span, error
+from .resources import grammar_text
+from .size import MAX_DIGITS
+from .sources import decode, locate
+from .syntax_errors import explain
 from .vocab import TaskKind
 
-ROOT = Path(__file__).resolve().parent.parent
-GRAMMAR = ROOT / "grammars" / "mtl.lark"
 
 
 @functools.cache
 def _lark() -> Lark:
     return Lark(
-        GRAMMAR.read_text(),
+        grammar_text(),
         start="spec",
         parser="lalr",
         lexer="contextual",
@@ -51,8 +54,29 @@ def _unquote(token: Token) -> str:
     return re.sub(r"\\(.)", lambda m: _ESCAPES[m[1]], str(token)[1:-1], flags=re.S)
 
 
+class _BadLiteral(Exception):
+    """A number the grammar accepts but no size or weight can be (Note [Size limits]); parse_text reports it."""
+
+    def __init__(self, token: Token, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.span, self.hint = _span(token), hint
+
+
 def _number(token: Token) -> int | float:
-    return int(token) if token.type == "INT" else float(token)
+    if token.type == "INT":
+        if len(token.lstrip("0")) > MAX_DIGITS:
+            raise _BadLiteral(token, f"integer with more than {MAX_DIGITS} digits",
+                              "sizes have limits (docs/language.md, Limits)")
+        return int(token)
+    value = float(token)
+    if not math.isfinite(value):
+        raise _BadLiteral(token, f"number {_clip(str(token))} is too large: it is infinite as a float",
+                          "write a finite number")
+    return value
+
+
+def _clip(text: str, limit: int = 24) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @v_args(meta=True)
@@ -109,7 +133,7 @@ class _ToSyntax(Transformer):
         return s.OutputDecl(str(c[0]), factors, label, where, _span(meta), _span(c[0]))
 
     def loss_weight(self, meta, c):
-        return ("weight", c[0])
+        return ("weight", _number(c[0]))
 
     def loss_label(self, meta, c):
         return ("label", c[0])
@@ -124,7 +148,7 @@ class _ToSyntax(Transformer):
         weight = props.get("weight")
         return s.LossDecl(
             c[0],
-            _number(weight) if isinstance(weight, Token) else None,  # type: ignore[arg-type]
+            weight,  # type: ignore[arg-type]
             props.get("label"),  # type: ignore[arg-type]
             props.get("where"),  # type: ignore[arg-type]
             _span(meta),
@@ -146,13 +170,13 @@ class _ToSyntax(Transformer):
         return s.FieldSel(None, tuple(x for x in c if x is not None), _span(meta))
 
     def int_list(self, meta, c):
-        return tuple(int(x) for x in c if x is not None)
+        return tuple(int(_number(x)) for x in c if x is not None)
 
     def _prop(key):  # noqa: N805 - a factory used in the class body
         def method(self, meta, c):
             value = c[0]
             if isinstance(value, Token):
-                value = {"INT": int, "FLOAT": float, "BOOL": lambda t: t == "true", "NAME": str}[value.type](value)
+                value = {"INT": _number, "FLOAT": _number, "BOOL": lambda t: t == "true", "NAME": str}[value.type](value)
             return s.Prop(key, value, _span(meta))
 
         return method
@@ -225,7 +249,7 @@ class _ToSyntax(Transformer):
         return s.TransferDecl(c[0], c[1], tuple(c[2:]), _span(meta))
 
     def levels_decl(self, meta, c):
-        return s.LevelsDecl(int(c[0]), tuple(c[1:]), _span(meta))
+        return s.LevelsDecl(int(_number(c[0])), tuple(c[1:]), _span(meta))
 
     def train_decl(self, meta, c):
         return s.TrainDecl(tuple(c), _span(meta))
@@ -248,102 +272,23 @@ class _ToSyntax(Transformer):
         return str(c[0]) == "true", _span(c[0])
 
 
-# Human names for terminals in "expected ..." hints.
-_TOKEN_NAMES = {
-    "NAME": "a name", "STRING": "a string", "INT": "an integer", "FLOAT": "a number", "DOTTED": "a dotted name",
-    "BOOL": "true or false", "FLAG": "forward or backward",
-    "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "LPAR": "'('", "RPAR": "')'",
-    "COMMA": "','", "STAR": "'*'", "EQUAL": "'='", "__ANON_0": "'->'",
-}
-
-
-def _expected(names: set[str]) -> str:
-    words: list[str] = []
-    for name in sorted(names):
-        if name in _TOKEN_NAMES:
-            words.append(_TOKEN_NAMES[name])
-        elif name.isupper():
-            words.append(f"'{name.lower()}'")
-        else:
-            words.append(name)
-    words = sorted(set(words))
-    if len(words) > 8:
-        return "expected one of " + ", ".join(words[:8]) + ", …"
-    return "expected " + (" or ".join(words) if len(words) <= 2 else ", ".join(words[:-1]) + " or " + words[-1])
-
-
-# Known mistakes, keyed by the offending token text: a hint that beats the expected-token list.
-_KNOWN_MISTAKES = {
-    ",": "properties and route flags are separated by spaces, not commas",
-    ";": "statements end at the next keyword; no ';' is needed",
-    ":": "write `key value` without ':'",
-    "=": "write `key value` without '='",
-}
-
-
-def _accepted(exc: UnexpectedToken) -> set[str]:
-    """Terminals the parser accepts here. `exc.expected` may hold the whole LALR follow set of a
-    pending reduction (`')'`, `'->'`, ... after a name); feeding each terminal to a copy of the
-    parser gives the exact set."""
-    try:
-        return set(exc.interactive_parser.accepts()) - {"$END"} or set(exc.expected)
-    except Exception:  # no interactive parser (or lark changed): the coarse set is still a hint
-        return set(exc.expected)
-
-
-def _misspelled(token: str, expected: set[str]) -> str | None:
-    """`did you mean 'forward'?` when a name is close to a keyword the parser expected."""
-    words: list[str] = []
-    for name in expected:
-        if name == "FLAG":
-            words += ["forward", "backward"]
-        elif name == "BOOL":
-            words += ["true", "false"]
-        else:
-            pattern = next((t.pattern for t in _lark().terminals if t.name == name), None)
-            if pattern is not None and pattern.type == "str" and pattern.value.isidentifier():
-                words.append(pattern.value)
-    return did_you_mean(token, words) if token.isidentifier() else None
-
-
-def _eof_span(text: str) -> Span:
-    """Just after the last character that is not white space: where the missing text belongs."""
-    lines = text.rstrip().split("\n")
-    return Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-
-
-def _syntax_error(exc: UnexpectedInput, src: SourceFile) -> Diagnostic:
-    if isinstance(exc, UnexpectedCharacters):
-        char = src.text[exc.pos_in_stream] if exc.pos_in_stream < len(src.text) else ""
-        span = Span(exc.line, exc.column, exc.line, exc.column + 1)
-        if char == '"':
-            return error("unterminated string", span, "strings end on the same line with '\"'", src)
-        hint = _KNOWN_MISTAKES.get(char) or (_expected(set(exc.allowed)) if exc.allowed else None)
-        return error(f"unexpected character {char!r}", span, hint, src)
-    if isinstance(exc, UnexpectedToken):
-        tok = exc.token
-        if tok.type == "$END":
-            return error("unexpected end of file", _eof_span(src.text), _expected(_accepted(exc)), src)
-        span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + len(str(tok)))
-        expected = _accepted(exc)
-        hint = _KNOWN_MISTAKES.get(str(tok)) or _misspelled(str(tok), expected) or _expected(expected)
-        return error(f"unexpected {str(tok)!r}", span, hint, src)
-    return error(str(exc).splitlines()[0], Span(exc.line, exc.column, exc.line, exc.column + 1), None, src)
-
-
 def parse_text(text: str, path: str = "<spec>") -> s.Spec | list[Diagnostic]:
     """A Spec, or a one-element list with the first syntax error (LALR stops there)."""
     src = SourceFile(path, text)
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as exc:
-        return [_syntax_error(exc, src)]
+        return [explain(exc, src, _lark())]
     try:
         return _ToSyntax().transform(tree)
-    except VisitError as exc:  # a malformed literal the grammar let through (e.g. a huge escape)
+    except VisitError as exc:  # a literal the grammar let through but no value can be
+        if isinstance(exc.orig_exc, _BadLiteral):
+            return [error(str(exc.orig_exc), exc.orig_exc.span, exc.orig_exc.hint, src)]
         return [error(f"cannot read this value: {exc.orig_exc}", _span(exc.obj.meta), None, src)]
 
 
 def parse_file(path: str | Path) -> tuple[SourceFile, s.Spec | list[Diagnostic]]:
-    text = Path(path).read_text(encoding="utf-8")
-    return SourceFile(str(path), text), parse_text(text, str(path))
+    """Parse a spec file (or a packaged spec by bare name); bytes that are not UTF-8 give their Diagnostic."""
+    spec = locate(path)
+    src, problem = decode(spec.data, spec.path)
+    return src, ([problem] if problem else parse_text(src.text, spec.path))

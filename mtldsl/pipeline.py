@@ -13,11 +13,13 @@ from pathlib import Path
 import networkx as nx
 
 from .catalog import Schema, schema_for
-from .diagnostics import NOWHERE, Diagnostic, SourceFile, SpecError, error, sort_key
+from .diagnostics import NOWHERE, Diagnostic, SourceFile, SpecError, collapse, error
 from .graph import build_graph
 from .ir import Model
 from .lower import DEFAULT_DATA, lower
 from .parser import parse_text
+from .size import Estimate, check_size, estimate
+from .sources import decode, locate
 from .syntax import DataDecl, LossDecl, OutputDecl, Spec, TaskDecl
 from .validate import validate
 
@@ -31,6 +33,7 @@ class Checked:
     model: Model | None
     graph: nx.DiGraph | None
     diagnostics: tuple[Diagnostic, ...]
+    size: Estimate | None = None  # the parameters it allocates, once it is valid (Note [Size limits])
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -43,7 +46,7 @@ class Checked:
 
 def _attach(diags: list[Diagnostic], src: SourceFile) -> tuple[Diagnostic, ...]:
     fixed = [d if d.source is not None else Diagnostic(d.severity, d.message, d.span, d.hint, src) for d in diags]
-    return tuple(sorted(fixed, key=sort_key))
+    return tuple(collapse(fixed))  # sorted, repeats once (Note [Cascades])
 
 
 def label_columns(spec: Spec) -> tuple[str, ...]:
@@ -83,12 +86,28 @@ def check_text(text: str, path: str = "<spec>", schema: Schema | None = None, da
     diags += lowered
     graph = build_graph(model)
     diags = diags + validate(model, graph, src)
-    return Checked(src, parsed, model, graph, _attach(diags, src))
+    size = None
+    if not any(d.is_error for d in diags):
+        size = estimate(model, graph, schema.vocab_sizes if schema is not None else None)
+        diags += check_size(size)
+    return Checked(src, parsed, model, graph, _attach(diags, src), size)
+
+
+def check_bytes(data: bytes, path: str = "<spec>", schema: Schema | None = None, data_dir: str | None = None,
+                dataset: str | None = None) -> Checked:
+    """check_text of a file's bytes: bytes that are not UTF-8 give one positioned error (sources.decode)."""
+    src, problem = decode(data, path)
+    if problem is not None:
+        return Checked(src, None, None, None, (problem,))
+    return check_text(src.text, path, schema=schema, data_dir=data_dir, data=dataset)
 
 
 def check_file(path: str | Path, schema: Schema | None = None, data_dir: str | None = None,
                data: str | None = None) -> Checked:
-    return check_text(Path(path).read_text(encoding="utf-8"), str(path), schema=schema, data_dir=data_dir, data=data)
+    """Check a spec file, or a packaged spec by bare name; sources.SpecNotFound when there is neither. `data`:
+    the dataset to check it against (default: the spec's `data`)."""
+    spec = locate(path)
+    return check_bytes(spec.data, spec.path, schema=schema, data_dir=data_dir, dataset=data)
 
 
 def load_spec(path: str | Path, schema: Schema | None = None, data_dir: str | None = None) -> Checked:

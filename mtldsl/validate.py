@@ -28,7 +28,7 @@ import networkx as nx
 from .diagnostics import NOWHERE, Diagnostic, SourceFile, Span, did_you_mean, error, quoted, sort_key, warning
 from .graph import grad_reach, input_width, node_id
 from .ir import BlockKind, Combine, EmbeddingTable, ExpertGroup, Gate, Input, Model, Output, Tower, Transfer
-from .names import GENERATED_CLASSES, class_name, name_problem
+from .names import class_name, class_problem, name_problem
 from .validate_lists import check_pooling
 from .vocab import MonitorProblem, TaskKind, parse_monitor
 
@@ -149,13 +149,15 @@ def check_names(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
 
     span = model.name_span
     if span is not None:
-        if report("model", model.name, span, local=False) and class_name(model.name) in GENERATED_CLASSES:
-            out.error(f"model name '{model.name}' makes the class '{class_name(model.name)}', which the generated code "
-                      "already uses", span, f"rename it, e.g. '{model.name}_model'")
+        if report("model", model.name, span, local=False) and (reason := class_problem(model.name)) is not None:
+            out.error(f"model name '{model.name}' makes the class '{class_name(model.name)}', which {reason}", span,
+                      f"rename it, e.g. '{model.name}_model'")
     else:
         problem = name_problem(model.name, local=False)
-        if problem is not None:
-            out.error(f"model name '{model.name}', taken from the file name, {problem[0]}", NOWHERE,
+        reason = problem[0] if problem is not None else class_problem(model.name)
+        if reason is not None:
+            made = "" if problem is not None else f" makes the class '{class_name(model.name)}', which"
+            out.error(f"model name '{model.name}', taken from the file name,{made} {reason}", NOWHERE,
                       "name the model with `model <name>` at the top of the spec")
 
     tasks_ok = {t.name for t in model.tasks if report("task", t.name, t.name_span)}
@@ -529,7 +531,7 @@ def check_cycles(model: Model, graph: nx.DiGraph) -> list[Diagnostic]:
     out = _Out([])
     for node in _consumers(model):
         for i, ref in enumerate(node.input.refs):
-            if ref == node.name and not isinstance(node, Tower):  # a tower reading a tower: check_kinds
+            if ref == node.name and model.block(ref) is node:  # a tower reading a tower: check_kinds
                 out.error(f"{_what(node)} reads itself", node.input.written_ref(i).span,
                           "a block cannot read its own output")
     blocks = graph.subgraph(n for n, k in graph.nodes(data="kind") if k in ("emb", "experts", "gate")).copy()

@@ -1,21 +1,22 @@
-"""Hypothesis strategies for syntax trees: `spec_trees()` draws a syntax.Spec that is valid by construction.
+"""Hypothesis strategies: `spec_trees()` draws a syntax.Spec that is valid by construction; `architectures()`
+draws the text of a spec that mostly passes `check` (for the compile property in tests/test_fuzz.py).
 
 Every node type and every option the parser records appears: owners omitted, `shared`, `per task`,
 `for T`; route selectors and flag sequences as written; quoted and unquoted columns; ints, floats
-(including the infinity that a too-large FLOAT reads as) and booleans; strings with every escape
+and booleans (as the parser reads them: at most MAX_DIGITS digits, finite); strings with every escape
 and raw control characters. Names come from a small pool with the grammar's keywords removed; the
 keywords are read from the grammar's string literals, so the pool stays in sync with the grammar.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 from hypothesis import strategies as st
 
 from mtldsl import syntax as s
+from mtldsl.size import MAX_DIGITS
 from mtldsl.vocab import TaskKind
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammars" / "mtl.lark"
@@ -41,9 +42,10 @@ names = st.sampled_from(NAMES)
 dotted_names = st.lists(names, min_size=2, max_size=3).map(".".join)
 # Any text: the quote, backslash, newline and tab must be escaped, everything else stands for itself.
 strings = st.text(st.sampled_from('ab1 "\\\n\t\r\x00#{}é') | st.characters(exclude_categories=("Cs",)), max_size=10)
-ints = st.integers(min_value=0, max_value=10**6) | st.integers(min_value=0, max_value=10**30)
-floats = st.floats(min_value=0.0, allow_nan=False, allow_infinity=True).map(abs) | st.sampled_from(
-    [0.0, 1.0, 1e-05, 1e16, math.inf]  # a too-large FLOAT (1e400) reads as inf
+# Literals the parser reads (Note [Size limits]): at most MAX_DIGITS digits, finite floats (1e400 is an error).
+ints = st.integers(min_value=0, max_value=10**6) | st.integers(min_value=0, max_value=10**MAX_DIGITS - 1)
+floats = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False).map(abs) | st.sampled_from(
+    [0.0, 1.0, 1e-05, 1e16, 1.7976931348623157e308]
 )
 numbers = ints | floats
 
@@ -111,3 +113,55 @@ items = st.one_of(
 def spec_trees() -> st.SearchStrategy[s.Spec]:
     """A syntax.Spec the parser could have produced: any sequence of any statements."""
     return st.builds(s.Spec, _tuples(items, max_size=8))
+
+
+# ---- architectures: spec text that mostly checks clean -----------------------------------------------
+
+# Model names a user may well write, with the ones whose class name is reserved (`none` -> `None`).
+MODEL_NAMES = ("m", "none", "true", "false", "value_error", "gate", "tower", "mlp", "tensor", "module", "int",
+               "list", "type_error", "a_c_t_i_v_a_t_i_o_n_s", "fused_embedding", "my_model", "x_")
+_ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "prelu")
+
+
+@st.composite
+def _mlp(draw: st.DrawFn, min_layers: int = 0) -> str:
+    dims = draw(st.lists(st.integers(1, 6), min_size=min_layers, max_size=2))
+    extra = draw(st.sampled_from(["", f"  activation {draw(st.sampled_from(_ACTIVATIONS))}", "  batch_norm true",
+                                  "  dropout 0.1"]))
+    return f"mlp [{', '.join(map(str, dims))}]{extra}"
+
+
+@st.composite
+def architectures(draw: st.DrawFn) -> str:
+    """An MMoE/PLE/STEM/AITM-shaped spec on the synthetic dataset with drawn names, sizes and visibility."""
+    model = draw(st.sampled_from(MODEL_NAMES))
+    tasks = ["ctr", "cvr"][: draw(st.integers(1, 2))]
+    lines = [f'model {model} "drawn"'] if draw(st.booleans()) or model == "m" else []
+    lines += [f"task {t} binary label {lab}" for t, lab in zip(tasks, ["click", "purchase"])]
+    dim = draw(st.integers(1, 4))
+    per_task_emb = draw(st.booleans())
+    lines.append(f"embedding emb shared {{ dim {dim}  fields {draw(st.sampled_from(['all', 'user', 'item']))} }}")
+    if per_task_emb:
+        lines.append(f"embedding emb_t per task {{ dim {dim}  fields all  dense all }}")
+    width = draw(st.integers(1, 5))
+    levels = draw(st.integers(1, 3)) if len(tasks) > 1 else 1
+    flags = st.sampled_from(["", " forward", " forward backward"])
+    body = [f"experts shared_x shared {{ count {draw(st.integers(1, 3))}  input emb  mlp [{width}] }}",
+            f"experts own_x per task {{ count {draw(st.integers(1, 3))}  input {'emb_t' if per_task_emb else 'emb'}  "
+            f"mlp [{width}] }}",
+            f"gate g per task {{ input emb  mix shared_x{draw(flags)}  mix own_x[own]{draw(flags)}"
+            + (f"  mix own_x[other]{draw(flags)}" if len(tasks) > 1 and draw(st.booleans()) else "")
+            + f"  {draw(_mlp())} }}"]
+    if levels > 1:
+        body.append("gate gs shared { input emb  mix shared_x  mix own_x }")
+        lines.append(f"levels {levels} {{\n  " + "\n  ".join(body) + "\n}")
+    else:
+        lines += body
+    lines.append(f"tower per task {{ input g  {draw(_mlp())} }}")
+    if len(tasks) > 1 and draw(st.booleans()):
+        lines.append("transfer ctr -> cvr")
+    if len(tasks) > 1 and draw(st.booleans()):
+        lines.append("output ctcvr = ctr * cvr label click * purchase")
+        lines.append("loss ctcvr")
+    lines += [f"loss {t}" for t in tasks]
+    return "\n".join(lines) + "\n"

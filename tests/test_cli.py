@@ -80,3 +80,34 @@ def test_graph_pictures(tmp_path: Path, suffix: str) -> None:
 def test_graph_unknown_format(tmp_path: Path) -> None:
     result = runner.invoke(app, ["graph", str(ROOT / "specs" / "stem.mtl"), "-o", str(tmp_path / "x.gif")])
     assert result.exit_code == 1 and "unknown picture format" in result.stderr
+
+
+def test_a_bare_name_is_a_packaged_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Packaged resources]: `ple` with no file of that name is the shipped spec, shown as specs/ple.mtl."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["compile", "ple", "-o", "out"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "ple.py").read_text() == (ROOT / "generated" / "ple.py").read_text()
+    (tmp_path / "ple").write_text("model mine\n")  # a file of that name wins over the packaged spec
+    result = runner.invoke(app, ["check", "ple"])
+    assert result.exit_code == 1 and "ple:1:7: error: the spec declares no task" in result.stderr
+
+
+def test_specs_lists_every_packaged_spec_with_its_description() -> None:
+    result = runner.invoke(app, ["specs"])
+    assert result.exit_code == 0
+    rows = [line.split(None, 1) for line in result.stdout.splitlines()]
+    assert [r[0] for r in rows] == [p.stem for p in SPECS]
+    assert all(len(r) == 2 and r[1] for r in rows)
+
+
+def test_a_directory_is_not_a_spec(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["check", str(tmp_path)])
+    assert result.exit_code == 1 and f"{tmp_path}: error: is a directory, not a spec file" in result.stderr
+    assert "hint: name the .mtl files in it" in result.stderr
+
+
+def test_a_near_miss_names_the_packaged_spec() -> None:
+    result = runner.invoke(app, ["compile", "plee"])
+    assert result.exit_code == 1 and "plee: error: no such spec file" in result.stderr
+    assert "did you mean 'ple'?" in result.stderr

@@ -235,3 +235,23 @@ def test_train_flags_are_the_declared_options() -> None:
         assert o.flag in result.output, o.flag
         if o.help:
             assert " ".join(o.help.split()) in " ".join(result.output.split()), o.name
+
+
+def test_train_a_packaged_spec_by_name_from_another_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mtldsl train shared_bottom`: a bare name is the packaged spec (Note [Packaged resources]); its run
+    folder keeps the spec's text."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "shared_bottom", "--rows", "300", "--epochs", "1", "--batch-size", "128",
+                                 "--out", "run", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "spec.mtl").read_text() == (ROOT / "specs" / "shared_bottom.mtl").read_text()
+
+
+def test_train_a_directory_or_bad_bytes_is_one_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(tmp_path), "--rows", "300"])
+    assert result.exit_code == 1 and "is a directory, not a spec file" in result.stderr
+    spec = tmp_path / "bad.mtl"
+    spec.write_bytes((ROOT / "specs" / "shared_bottom.mtl").read_bytes() + b"\xff")
+    result = runner.invoke(app, ["train", str(spec), "--rows", "300", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "the file is not valid UTF-8: byte 0xFF" in result.stderr
+    assert "Traceback" not in result.output

@@ -3,6 +3,7 @@ a Checked whose diagnostics lie inside the text and render. A spec that checks c
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -10,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
 from lark import Lark
+from strategies import architectures
 
 from mtldsl.diagnostics import render_all
-from mtldsl.parser import GRAMMAR
+from mtldsl.resources import grammar_text
 from mtldsl.pipeline import Checked, check_text
 from mtldsl.names import name_problem
 
@@ -55,7 +57,7 @@ def assert_safe_when_clean(checked: Checked) -> None:
 
 def _grammar_strategy() -> st.SearchStrategy[str]:
     """from_lark over grammars/mtl.lark, every token followed by a space so that tokens do not glue."""
-    lark = Lark(GRAMMAR.read_text(), start="spec", parser="lalr")
+    lark = Lark(grammar_text(), start="spec", parser="lalr")
     spaced = {
         "NAME": st.sampled_from(NAMES),
         "DOTTED": st.sampled_from(["cvr.auc", "mean.auc", "ctr.mse", "ctr.acc", "a.b.c"]),
@@ -121,7 +123,7 @@ def mutated_specs(draw: st.DrawFn) -> str:
 
 
 _NAME_TOKEN = re.compile(r"(?<![\w.\"])[a-z_][a-z0-9_]*(?![\w.\"])")
-KEYWORDS = {t.pattern.value for t in Lark(GRAMMAR.read_text(), start="spec", parser="lalr").terminals
+KEYWORDS = {t.pattern.value for t in Lark(grammar_text(), start="spec", parser="lalr").terminals
             if t.pattern.type == "str"} | {"forward", "backward", "true", "false"}
 
 
@@ -154,3 +156,101 @@ def test_renamed_spec_never_raises(text: str) -> None:
     checked = check_text(text, "specs/renamed.mtl")
     assert_sound(text, checked)
     assert_safe_when_clean(checked)
+
+
+# ---- what check accepts compiles, imports and builds ---------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures() | renamed_specs())
+def test_every_spec_check_accepts_compiles_imports_and_builds(text: str) -> None:
+    """Issue 9: `model none` checked clean and compiled to `class None(nn.Module)`. Whatever passes `check`
+    compiles to source ast.parse accepts, that imports, and whose class builds and runs a batch."""
+    import torch
+
+    import mtldsl
+    from mtldsl.codegen import class_name
+
+    checked = check_text(text, "specs/drawn.mtl")
+    if not checked.ok:
+        return
+    source = mtldsl.compile_spec(checked)
+    ast.parse(source)
+    module = mtldsl.load_module(source, "mtldsl_drawn")
+    cls = getattr(module, class_name(checked.model.name))
+    model = cls({f: 7 for f in cls.SPARSE_FIELDS})
+    model.eval()
+    batch = {"sparse": torch.randint(0, 7, (3, len(cls.SPARSE_FIELDS))), "dense": torch.rand(3, len(cls.DENSE_FIELDS))}
+    out = model(batch)
+    assert set(out) == set(cls.OUTPUTS) and all(v.shape == (3,) for v in out.values())
+
+
+def test_the_architectures_mostly_check_clean() -> None:
+    """The property above tests something only if most drawn architectures pass `check`."""
+    from hypothesis import find
+
+    clean = find(architectures(), lambda t: check_text(t).ok and "levels" in t and "transfer" in t)
+    assert check_text(clean).ok
+
+
+# ---- byte-level mutations: what a file on disk may hold --------------------------------------------
+
+SHIPPED_BYTES = [p.read_bytes() for p in sorted((ROOT / "specs").glob("*.mtl"))]
+# Bytes that break decoding or terminals: invalid UTF-8, a BOM, controls (ESC, BEL, NUL, C1 as UTF-8),
+# look-alikes, a bidi override, huge numbers.
+BYTE_SNIPPETS = [b"\x80", b"\xff", b"\xe9", b"\xc3", b"\xed\xa0\x80", b"\xef\xbb\xbf", b"\x1b]0;x\x07", b"\x1bP",
+                 b"\x00", b"\x07", b"\xc2\x9b", "\u0430".encode(), "\u202e".encode(), "\uff47".encode(), b"\r",
+                 b"\t", b"9" * 40, b"1e999", b"levels 100000000 {", b"count 99999", b"mlp []", b'"\\q"', b"where"]
+BYTES_PER_CASE_SECONDS = 20  # a hang detector, not a timing: a case takes milliseconds
+
+
+@st.composite
+def mutated_bytes(draw: st.DrawFn) -> bytes:
+    data = draw(st.sampled_from(SHIPPED_BYTES))
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["flip", "insert", "delete", "replace"]))
+        new = draw(st.sampled_from(BYTE_SNIPPETS) | st.binary(min_size=1, max_size=4))
+        if op == "flip" and i < len(data):
+            data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]
+        elif op == "insert":
+            data = data[:i] + new + data[i:]
+        elif op == "delete":
+            data = data[:i] + data[i + draw(st.integers(1, 30)):]
+        else:
+            data = data[:i] + new + data[i + len(new):]
+    return data
+
+
+class _Hang(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _Hang(f"a case ran for {BYTES_PER_CASE_SECONDS} s")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(mutated_bytes())
+def test_mutated_bytes_give_a_spec_or_diagnostics(data: bytes) -> None:
+    """Issue 9, acceptance: any bytes give a checked spec or diagnostics, never a traceback or a hang; a spec
+    that checks clean compiles; every diagnostic prints without a control character."""
+    import signal
+    import unicodedata
+
+    import mtldsl
+    from mtldsl.pipeline import check_bytes
+
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, BYTES_PER_CASE_SECONDS)
+    try:
+        checked = check_bytes(data, "specs/mutated.mtl")
+        assert_sound(checked.source.text, checked)
+        out = render_all(checked.diagnostics)
+        assert not [c for c in out if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+        assert checked.ok or checked.errors
+        if checked.ok:
+            ast.parse(mtldsl.compile_spec(checked))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

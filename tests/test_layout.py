@@ -19,7 +19,7 @@ PACKAGE = ROOT / "mtldsl"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 MAX_MODULE_LINES = 800
 MAX_FUNCTION_LINES = 120
-FRONT_END = ("diagnostics", "vocab", "names", "syntax", "parser", "printer", "ir", "lower", "graph", "validate",
+FRONT_END = ("diagnostics", "vocab", "names", "resources", "sources", "size", "syntax_errors", "syntax", "parser", "printer", "ir", "lower", "graph", "validate",
              "codegen", "pipeline", "catalog")
 
 

@@ -151,3 +151,32 @@ def test_accumulator_errors() -> None:
         acc.update({"ctr": torch.rand(3), "cvr": torch.rand(3)}, {"ctr": torch.ones(3), "cvr": torch.ones(3)}, masks={"ctcvr": torch.ones(3)})
     with pytest.raises(ValueError, match="output 'ctr': 3 predictions but 2 labels"):
         acc.update({"ctr": torch.rand(3), "cvr": torch.rand(3)}, {"ctr": torch.ones(2), "cvr": torch.ones(3)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_auc_and_gauc_in_other_dtypes(dtype: torch.dtype) -> None:
+    """float64 takes the argsort path, bfloat16 the packed keys (Note [Packed sort keys]); both exact."""
+    scores, labels, groups = random_case(5, 257, ties=True)
+    s = scores.to(dtype)
+    as_list = s.float().tolist()  # bfloat16 -> float32 is exact, as is float32 -> float64
+    assert auc(s, labels) == pytest.approx(brute_auc(as_list, labels.tolist()), abs=1e-12)
+    assert gauc(s, labels, groups) == pytest.approx(brute_gauc(as_list, labels.tolist(), groups.tolist()), abs=1e-12)
+
+
+def test_packed_keys_order_signed_scores_and_zero() -> None:
+    """Negative scores, -0.0 against +0.0 (a tie), and chunks cut inside a long run of ties."""
+    import mtldsl.runtime.metrics as metrics
+
+    scores = torch.tensor([-3.5, -0.0, 0.0, 2.0, -1e-30, 1e30, -0.0, 0.0])
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])
+    assert auc(scores, labels) == pytest.approx(brute_auc(scores.tolist(), labels.tolist()), abs=1e-12)
+    old, metrics.CHUNK = metrics.CHUNK, 3  # chunk boundaries fall inside runs and groups
+    try:
+        for seed in range(4):
+            s, y, g = random_case(seed, 200, ties=True)
+            assert auc(s, y) == pytest.approx(brute_auc(s.tolist(), y.tolist()), abs=1e-12)
+            expected = brute_gauc(s.tolist(), y.tolist(), g.tolist())
+            assert gauc(s, y, g) == pytest.approx(expected, abs=1e-12)  # negative ids: relabelled
+            assert gauc(s, y, g + 3000) == pytest.approx(expected, abs=1e-12)  # ids packed as they are
+    finally:
+        metrics.CHUNK = old

@@ -296,7 +296,6 @@ def test_large_synthetic_data_is_generated_in_chunks_into_a_store(monkeypatch: p
 
 def test_resume_mid_epoch_on_a_stored_folder_in_small_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Note [Resume] through Note [Block shuffle]: many windows, a held-out val (index), skipped batches unread."""
-    from mtldsl.runtime import trainer
     from mtldsl.runtime.synthetic import generate
 
     monkeypatch.setattr(data_mod, "BLOCK_ROWS", 64)
@@ -311,6 +310,14 @@ def test_resume_mid_epoch_on_a_stored_folder_in_small_blocks(tmp_path: Path, mon
     frame.iloc[2200:].to_parquet(folder / "test.parquet")
     spec = Path(__file__).resolve().parents[1] / "specs" / "esmm.mtl"
     kw = dict(data=str(folder), epochs=2, seed=5, batch_size=100, checkpoint_every=4, progress=False, device="cpu")
+    assert_resume_is_exact(spec, kw, tmp_path, monkeypatch, at=12)  # mid epoch 2, windows in
+
+
+def assert_resume_is_exact(spec: Path, kw: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
+                           at: int) -> None:
+    """A run killed at its first checkpoint from batch `at` of epoch 2 on and resumed ends as the uninterrupted one."""
+    from mtldsl.runtime import trainer
+
     full = trainer.train(spec, out=tmp_path / "a", **kw)  # type: ignore[arg-type]
 
     class Killed(Exception):
@@ -320,7 +327,7 @@ def test_resume_mid_epoch_on_a_stored_folder_in_small_blocks(tmp_path: Path, mon
 
     def save_then_die(self: trainer.Trainer, *, best: bool) -> None:
         original(self, best=best)
-        if self.state.epoch == 1 and self.state.batch_in_epoch == 12:  # mid epoch 2, windows in
+        if self.state.epoch == 1 and self.state.batch_in_epoch >= at:
             raise Killed
 
     monkeypatch.setattr(trainer.Trainer, "save", save_then_die)

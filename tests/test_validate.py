@@ -175,6 +175,20 @@ def test_model_class_name_must_not_shadow_generated_classes() -> None:
                                  "code already uses"]
 
 
+@pytest.mark.parametrize(("name", "cls", "reason"), [
+    ("none", "None", "is a Python keyword"), ("true", "True", "is a Python keyword"),
+    ("false", "False", "is a Python keyword"), ("value_error", "ValueError", "is a Python builtin"),
+    ("a_c_t_i_v_a_t_i_o_n_s", "ACTIVATIONS", "the generated code already uses"),
+])
+def test_model_names_that_make_a_reserved_class(name: str, cls: str, reason: str) -> None:
+    """The class-name transform capitalises: a safe lower-case name may make a reserved class name."""
+    checked = check(MMOE.replace('model t "test"', f'model {name} "x"'))
+    assert messages(checked) == [f"model name '{name}' makes the class '{cls}', which {reason}"]
+    from_file = check_text(MMOE.replace('model t "test"\n', ""), f"specs/{name}.mtl")
+    assert [d.message for d in from_file.errors] == \
+        [f"model name '{name}', taken from the file name, makes the class '{cls}', which {reason}"]
+
+
 def test_local_prefix_applies_to_instances_not_to_the_model() -> None:
     """`h` per task makes `h_ctr`, the generated name of the ctr tower's input; a model may be called h_x."""
     assert names.name_problem("h_x", local=False) is None
@@ -202,6 +216,9 @@ def test_reserved_names_cover_the_generated_module() -> None:
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
             assert node.name in names.GENERATED_CLASSES, node.name
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                assert isinstance(target, ast.Name) and target.id in names.GENERATED_CLASSES, ast.dump(target)
         elif isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
             assert names.name_problem(node.name) is not None, node.name
     for name in ("me_mmoe", "stem", "a_b2", "x_"):

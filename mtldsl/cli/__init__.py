@@ -12,6 +12,7 @@ from __future__ import annotations
 from . import spec  # noqa: I001,F401  check, compile, graph
 from . import run  # noqa: F401  train, evaluate, predict
 from . import tools  # noqa: F401  export, data prepare
+from . import workbench  # noqa: F401  diff, compare, analyze
 from .app import app
 
 __all__ = ["app", "main"]

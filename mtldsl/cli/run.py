@@ -50,9 +50,13 @@ def _run(fn: Callable[[], T]) -> T:
 
 def train_cmd(spec: Path, **flags: Any) -> None:
     """Train a spec: prints the per-task test table and the run folder."""
-    if not spec.is_file():
-        typer.echo(f"{spec}: error: no such spec file", err=True)
-        raise typer.Exit(1)
+    from ..sources import SpecNotFound, locate
+
+    try:
+        locate(spec)  # a file, or a packaged spec by bare name (`mtldsl train stem`)
+    except SpecNotFound as e:
+        typer.echo(e.render(), err=True)
+        raise typer.Exit(1) from None
     flagged = [o for o in OPTIONS if o.cli]
     assert set(flags) == {o.cli_name for o in flagged}  # Typer passes exactly the flags of _train_flags()
     options = {o.name: (not flags[o.cli_name]) if o.negate else flags[o.cli_name] for o in flagged}

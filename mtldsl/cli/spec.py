@@ -1,4 +1,5 @@
-"""`mtldsl check`, `compile` and `graph`: spec files -> diagnostics, generated modules, architecture pictures.
+"""`mtldsl check`, `compile`, `graph` and `specs`: spec files -> diagnostics, generated modules, architecture
+pictures; the list of packaged specs, which every spec argument may name bare (`mtldsl compile ple`).
 
 Registered on the app of app.py. None of them imports torch (a test checks it in a subprocess), so
 they stay under a second. Diagnostics go to stderr without rich markup, sorted by position.
@@ -27,13 +28,16 @@ def _report(checked: Checked, strict: bool) -> bool:
     return not checked.errors and not (strict and warnings)
 
 
-def _check(spec: Path, data_dir: Optional[str], data: Optional[str] = None) -> Checked:
+def _check(spec: Path, data_dir: Optional[str], data: Optional[str] = None) -> Checked | None:
+    """The checked spec (a file, or a packaged spec by bare name); None, said on stderr, when there is none."""
     from ..pipeline import check_file
+    from ..sources import SpecNotFound
 
-    if not spec.is_file():
-        typer.echo(f"{spec}: error: no such spec file", err=True)
-        raise typer.Exit(1)
-    return check_file(spec, data_dir=data_dir, data=data)
+    try:
+        return check_file(spec, data_dir=data_dir, data=data)
+    except SpecNotFound as e:
+        typer.echo(e.render(), err=True)
+        return None
 
 
 DATA_HELP = "Dataset name or folder to check the spec against (default: the spec's `data`), as `train --data`."
@@ -41,7 +45,7 @@ DATA_HELP = "Dataset name or folder to check the spec against (default: the spec
 
 @app.command()
 def check(
-    specs: list[Path] = typer.Argument(..., help="Spec files to check."),
+    specs: list[Path] = typer.Argument(..., help="Spec files, or packaged specs by name (`mtldsl specs`)."),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where named datasets live."),
     data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
@@ -50,18 +54,22 @@ def check(
     ok = True
     for spec in specs:
         checked = _check(spec, data_dir, data)
+        if checked is None:
+            ok = False
+            continue
         good = _report(checked, strict)
         ok &= good
         if good and checked.model is not None:
             m = checked.model
             blocks = len(m.embeddings) + len(m.experts) + len(m.gates) + len(m.towers)
-            typer.echo(f"{spec}: ok ({m.name}: {len(m.tasks)} tasks, {blocks} blocks, {len(m.losses)} losses)")
+            size = f"; {checked.size.describe()}" if checked.size is not None else ""
+            typer.echo(f"{spec}: ok ({m.name}: {len(m.tasks)} tasks, {blocks} blocks, {len(m.losses)} losses{size})")
     raise typer.Exit(0 if ok else 1)
 
 
 @app.command("compile")
 def compile_(
-    specs: list[Path] = typer.Argument(..., help="Spec files to compile."),
+    specs: list[Path] = typer.Argument(..., help="Spec files, or packaged specs by name (`mtldsl specs`)."),
     out: Path = typer.Option(Path("generated"), "-o", "--out", help="Output folder."),
     check_only: bool = typer.Option(False, "--check", help="Write nothing; exit 1 when a file is stale."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
@@ -73,7 +81,7 @@ def compile_(
     ok = True
     for spec in specs:
         checked = _check(spec, data_dir, data)
-        if not _report(checked, strict=False):
+        if checked is None or not _report(checked, strict=False):
             ok = False
             continue
         assert checked.model is not None and checked.graph is not None
@@ -92,7 +100,7 @@ def compile_(
 
 @app.command()
 def graph(
-    spec: Path = typer.Argument(..., help="Spec file."),
+    spec: Path = typer.Argument(..., help="Spec file, or a packaged spec by name."),
     out: Path = typer.Option(..., "-o", "--out", help="Picture file: .svg, .png or .dot."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
     data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
@@ -101,7 +109,7 @@ def graph(
     from ..draw import draw
 
     checked = _check(spec, data_dir, data)
-    if not _report(checked, strict=False):
+    if checked is None or not _report(checked, strict=False):
         raise typer.Exit(1)
     assert checked.graph is not None
     suffix = out.suffix.lower()
@@ -110,3 +118,14 @@ def graph(
         raise typer.Exit(1)
     draw(checked.graph, out)
     typer.echo(f"{out}: written")
+
+
+@app.command("specs")
+def specs_() -> None:
+    """List the packaged specs: `mtldsl compile NAME` and `mtldsl train NAME` take them by name."""
+    from ..resources import packaged_specs
+
+    shipped = packaged_specs()
+    width = max(map(len, shipped), default=0)
+    for name, spec in shipped.items():
+        typer.echo(f"{name:<{width}}  {spec.description}")

@@ -65,6 +65,10 @@ def prepare_cmd(
                                         "table of one split, what bounds memory)."),
     workers: int = typer.Option(2, "--workers", help="Threads parsing blocks (output is the same for any number)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    last_entry: bool = typer.Option(False, "--last-entry",
+                                    help="Keep only the last id of each behaviour list (109_14, 110_14, 127_14, "
+                                         "150_14) as a single-valued field, as torch-rechub does; default: whole "
+                                         "lists with their values as weights."),
 ) -> None:
     """Convert raw dataset files into train/val/test Parquet + schema.json, vectorised, in bounded memory."""
     from ..catalog import DataError, DatasetNotFound
@@ -75,7 +79,8 @@ def prepare_cmd(
 
     try:
         report = prepare(name, raw, out, min_count=min_count, val_share=val_share, row_group_size=row_group_size,
-                         block_size=block_size, workers=workers, progress=not no_progress, log=note)
+                         block_size=block_size, workers=workers, progress=not no_progress, log=note,
+                         last_entry=last_entry)
     except (DataError, DatasetNotFound, ValueError) as e:
         _fail(str(e))
         return

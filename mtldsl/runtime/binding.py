@@ -22,7 +22,7 @@ from .config import ConfigError
 from .objective import Objective
 
 __all__ = ["DEVICE_DATA_SHARE", "Prepared", "check_columns", "check_spec", "check_vocab", "data_fits", "instantiate",
-           "prepare", "spec_input", "vocab_sizes"]
+           "list_fields", "prepare", "spec_input", "unread_lists", "vocab_sizes"]
 
 DEVICE_DATA_SHARE = 0.5  # splits move to an accelerator whole up to this share of its free memory, else stream
 
@@ -42,11 +42,16 @@ class Prepared:
 def spec_input(spec: str | Path | Checked) -> tuple[str, str]:
     if isinstance(spec, Checked):
         return spec.source.text, spec.source.path
-    path = Path(spec)
+    from ..sources import SpecNotFound, decode, locate
+
     try:
-        return path.read_text(encoding="utf-8"), str(spec)
-    except FileNotFoundError:
-        raise ConfigError(f"{spec}: no such spec file") from None
+        found = locate(spec)  # a file, or a packaged spec by bare name
+    except SpecNotFound as e:
+        raise ConfigError(f"{spec}: {e.problem}") from None
+    src, problem = decode(found.data, found.path)
+    if problem is not None:
+        raise SpecError([problem])
+    return src.text, found.path
 
 
 def _check_against(text: str, path: str, schema: Any) -> Checked:
@@ -58,16 +63,26 @@ def _check_against(text: str, path: str, schema: Any) -> Checked:
 
 
 def _same_fields(a: Any, b: Any) -> bool:
-    return (a.labels, a.sparse, a.dense, dict(a.groups)) == (b.labels, b.sparse, b.dense, dict(b.groups))
+    return (a.labels, a.sparse, a.dense, dict(a.groups), a.lists, dict(a.list_weights)) == \
+        (b.labels, b.sparse, b.dense, dict(b.groups), b.lists, dict(b.list_weights))
+
+
+def list_fields(cls: type) -> tuple[str, ...]:
+    """The list fields a generated class reads (a model without any declares no LIST_FIELDS: Note [List fields])."""
+    return tuple(getattr(cls, "LIST_FIELDS", ()))
 
 
 def _cut(split: Any, cls: type, objective: Objective) -> Any:
     """The split with only the model's columns, in its order (no copy: the same column files or arrays), whose
-    batches carry the objective's label products (computed per batch, on the host)."""
+    batches carry the objective's label products (computed per batch, on the host). A list field keeps its
+    weights only when the model reads them (WEIGHTED_FIELDS), so a batch holds exactly the model's inputs."""
+    weighted = set(getattr(cls, "WEIGHTED_FIELDS", ()))
     return replace(
         split,
         sparse_cols={f: split.sparse_cols[f] for f in cls.SPARSE_FIELDS},
         dense_cols={f: split.dense_cols[f] for f in cls.DENSE_FIELDS},
+        list_cols={f: split.list_cols[f] if f in weighted else replace(split.list_cols[f], weights=None)
+                   for f in list_fields(cls)},
         products=dict(objective.columns),
         truth_cols=None,
     )
@@ -96,7 +111,9 @@ def check_columns(cls: type, dataset: Any, source: str) -> None:
 
     schema = dataset.schema
     missing = [f for f in cls.SPARSE_FIELDS if f not in schema.sparse] + \
-              [f for f in cls.DENSE_FIELDS if f not in schema.dense]
+              [f for f in cls.DENSE_FIELDS if f not in schema.dense] + \
+              [f for f in list_fields(cls) if f not in schema.lists] + \
+              [f for f in getattr(cls, "WEIGHTED_FIELDS", ()) if f not in schema.list_weights]
     if missing:
         cols = ", ".join(f"'{c}'" for c in missing)
         raise DataError(f"{source}: the model reads column(s) {cols}, which the dataset does not have")
@@ -107,7 +124,7 @@ def check_vocab(cls: type, dataset: Any, split: str, vocab: Mapping[str, int]) -
     from .data import DataError
 
     data = dataset.split(split)
-    for f in cls.SPARSE_FIELDS:
+    for f in (*cls.SPARSE_FIELDS, *list_fields(cls)):
         found = data.first_at_least(f, vocab[f])  # read in runs of rows, never the whole column
         if found is not None:
             i, value = found
@@ -155,9 +172,23 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     module = load_module(source, f"mtldsl_{spec.model.name}")
     cls = getattr(module, class_name(spec.model.name))
     check_columns(cls, dataset, dataset.source)
+    unread = unread_lists(cls, dataset.schema)
+    if unread:
+        dataset.notes = (*dataset.notes, unread)
     splits = _place({name: _cut(dataset.split(name), cls, objective)
                      for name in ("train", "val", "test")}, device)
     return Prepared(spec, objective, source, cls, dataset, splits)
+
+
+def unread_lists(cls: type, schema: Any) -> str | None:
+    """A notice when the data has list fields the model does not read (Note [Ali-CCP lists]), else None."""
+    unread = [f for f in schema.lists if f not in list_fields(cls)]
+    if not unread:
+        return None
+    return (f"data: the model reads none of the list field(s) {', '.join(unread)} (`fields all` is the single-valued "
+            "fields; Note [Ali-CCP lists]): a table such as `embedding beh shared { dim 16  fields lists  pool sum }` "
+            "reads them" + (", or `mtldsl data prepare ali_ccp --last-entry` keeps each list's last id as a "
+                            "single-valued field" if schema.name == "ali_ccp" else ""))
 
 
 def instantiate(cls: type, vocab: Mapping[str, int], seed: int, device: torch.device,
@@ -170,6 +201,6 @@ def instantiate(cls: type, vocab: Mapping[str, int], seed: int, device: torch.de
 def vocab_sizes(cls: type, schema: Any) -> dict[str, int]:
     if schema.vocab_sizes is None:
         raise ConfigError(f"dataset '{schema.name}' has no vocabulary sizes")
-    return {f: int(schema.vocab_sizes[f]) for f in cls.SPARSE_FIELDS}
+    return {f: int(schema.vocab_sizes[f]) for f in (*cls.SPARSE_FIELDS, *list_fields(cls))}
 
 

@@ -156,8 +156,11 @@ OPTIONS: tuple[Option, ...] = (
            "vocabulary limit (Note [Vocabulary bound]).", check=Check.positive, field_default=None),
     Option("sparse_embeddings", str,
            "auto (default: on for a table of 4 MiB or more), on or off: sparse gradients and a row-wise "
-           "optimizer (SparseAdam for adam) for the embedding tables.",
+           "optimizer (lazy Adam for adam) for the embedding tables.",
            fallback="auto", choices=SparseEmbeddings, label="--sparse-embeddings setting", field_default="auto"),
+    Option("log_conflict", int, "Every N steps, the cosine between per-task gradients on the shared parameters "
+           "(conflict.csv, conflict.png, history.csv; Note [Gradient conflict]). 0: off, no extra cost.",
+           default=0, check=Check.non_negative, resumable=True, field_default=0),
     Option("precision", str,
            "auto (default: bf16 autocast where the device multiplies bf16 natively -- CUDA, or a CPU with "
            "AVX512-BF16 or AMX and a model of 32k+ multiply-adds per sample -- else fp32), fp32 or bf16. "

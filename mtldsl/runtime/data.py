@@ -6,8 +6,8 @@ other source is a folder path whose schema comes from `schema.json` or is inferr
 folder: Note [The user's folder] in store.py). A folder's files are converted once into the on-disk column store
 (store.py, Note [Column store]), checking every value: bad data raises DataError naming the file, column
 and 1-based data row, never a pandas traceback. A `Split` holds its columns (stored files or in-memory
-arrays) and yields batches gathered from a window of rows at a time (Note [Block shuffle]), so a split
-is never resident whole.
+arrays) and yields batches gathered from a window of rows at a time (Note [Block shuffle]), list fields
+included (Note [List batches]), so a split is never resident whole.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from torch import Tensor
 
 from mtldsl.catalog import (
     KNOWN_DATASETS,
-    MAX_VOCAB,
     DataError,
     DatasetNotFound,
     Schema,
@@ -35,10 +34,10 @@ from mtldsl.catalog import (
     resolve_folder,
     schema_for,
 )
-from mtldsl.datafiles import read_header
 
 from . import synthetic
-from .store import ColumnFile, Stored, cache_root, fail, fmt, narrow_id_dtype, open_store
+from .datacheck import checked_vocab_sizes, label_copies, same_columns
+from .store import ColumnFile, ListColumn, Stored, cache_root, fail, fmt, narrow_id_dtype, open_store
 from .synthetic import SYNTHETIC_ROWS, generate, split_sizes, synthetic_truth
 
 __all__ = [
@@ -53,7 +52,6 @@ __all__ = [
     "WINDOW_BLOCKS",
     "epoch_chunks",
     "load_dataset",
-    "unlinked_rows",
     "synthetic_truth",
     "train_batch_count",
 ]
@@ -118,6 +116,7 @@ class _Window:
     ranges: list[tuple[int, int]]
     perm: Tensor | None  # int64, positions in the window
     rows: dict[str, Tensor] | None = None
+    lists: dict[str, _Bags] | None = None  # per list field: the window's rows of it (Note [List batches])
 
     def __len__(self) -> int:
         return sum(b - a for a, b in self.ranges)
@@ -127,6 +126,54 @@ class _Window:
 
 
 Piece = tuple[_Window, "Tensor | slice"]
+
+
+# Note [List batches]
+# A list field is read like the other columns, a window at a time: for the window's blocks, its offsets
+# and then the ids (and weights) between the first and last offset, one positioned read each (Note
+# [Column store]), kept as `_Bags`: per row its length and where its ids start among the window's ids.
+# A batch takes, for its rows in the epoch's order, their lengths and starts, gathers their ids with one
+# index (`_ragged`: position = a run of consecutive indices per row), and rebases the offsets to the batch
+# (the exclusive cumulative sum of the lengths, so the first is 0), as Note [List fields] in
+# runtime/layers.py wants: batch["<f>.ids"], ["<f>.offsets"] and, for a weighted field, ["<f>.weights"].
+# Rows follow the same order as the single-valued columns, so row i of the batch is list i of each field.
+# A window holds its rows' ids whole: its memory grows with the lists' lengths, not with the split.
+
+
+@dataclass
+class _Bags:
+    """Rows of one list field: per row its length and first position in `ids`; `weights` aligned with `ids`."""
+
+    lengths: Tensor  # int64 (rows,)
+    starts: Tensor  # int64 (rows,)
+    ids: Tensor
+    weights: Tensor | None
+
+    @classmethod
+    def of(cls, lengths: Tensor, ids: Tensor, weights: Tensor | None) -> _Bags:
+        return cls(lengths, torch.cumsum(lengths, 0) - lengths, ids, weights)
+
+    def take(self, pos: Tensor | slice) -> _Bags:
+        """The rows at `pos`, their ids gathered (starts then index the new ids)."""
+        lengths = self.lengths[pos] if isinstance(pos, slice) else self.lengths.index_select(0, pos.to(self.lengths.device))
+        starts = self.starts[pos] if isinstance(pos, slice) else self.starts.index_select(0, pos.to(self.starts.device))
+        at = _ragged(starts, lengths)
+        return _Bags.of(lengths, self.ids[at], None if self.weights is None else self.weights[at])
+
+
+def _ragged(starts: Tensor, lengths: Tensor) -> Tensor:
+    """The positions starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 of every row i, concatenated."""
+    total = int(lengths.sum())
+    ends = torch.cumsum(lengths, 0)
+    shift = torch.repeat_interleave(starts - (ends - lengths), lengths, output_size=total)
+    return torch.arange(total, device=starts.device) + shift
+
+
+def _cat_bags(parts: list[_Bags]) -> _Bags:
+    if len(parts) == 1:
+        return parts[0]
+    weights = None if parts[0].weights is None else torch.cat([p.weights for p in parts])  # type: ignore[misc]
+    return _Bags.of(torch.cat([p.lengths for p in parts]), torch.cat([p.ids for p in parts]), weights)
 
 
 def _windows(n: int, generator: torch.Generator | None) -> Iterator[_Window]:
@@ -243,6 +290,7 @@ class Split:
     products: dict[str, tuple[str, ...]] | None = None
     truth_cols: dict[str, np.ndarray] | None = field(default=None, repr=False)  # synthetic only: synthetic_truth
     stream_to: torch.device | None = None  # rows stay here, batches go there (Note [Streamed batches])
+    list_cols: dict[str, ListColumn] = field(default_factory=dict)  # list fields as CSR (Note [List batches])
 
     @classmethod
     def from_tensors(cls, sparse: Tensor, dense: Tensor, labels: Mapping[str, Tensor], groups: Tensor | None,
@@ -278,8 +326,11 @@ class Split:
     def nbytes(self) -> int:
         """Bytes of the rows' columns (what moving the split to a device would take there)."""
         n = len(self)
-        return sum(n * (c.dtype.itemsize if isinstance(c, (np.ndarray, ColumnFile)) else c.element_size())
+        rows = sum(n * (c.dtype.itemsize if isinstance(c, (np.ndarray, ColumnFile)) else c.element_size())
                    for c in self._columns().values())
+        parts = [p for lc in self.list_cols.values() for p in (lc.ids, lc.offsets, lc.weights) if p is not None]
+        return rows + sum(p.nbytes if isinstance(p, (np.ndarray, ColumnFile)) else p.numel() * p.element_size()
+                          for p in parts)
 
     def _rows_of(self, col: Column, a: int, b: int) -> np.ndarray | Tensor:
         """Rows [a, b) of the split (not of the column) from one column."""
@@ -291,9 +342,23 @@ class Split:
         lo, hi = int(rows.min()), int(rows.max()) + 1
         return _take(_read(col, lo, hi), rows - lo)
 
+    def _bags_of(self, lc: ListColumn, a: int, b: int) -> _Bags:
+        """Rows [a, b) of the split from one list field (Note [List batches])."""
+        if self.index is None:
+            off = _tensor(_read(lc.offsets, a, b + 1)).to(torch.int64)
+            lo, hi = int(off[0]), int(off[-1])
+            weights = None if lc.weights is None else _tensor(_read(lc.weights, lo, hi))
+            return _Bags.of(off[1:] - off[:-1], _tensor(_read(lc.ids, lo, hi)), weights)
+        rows = self.index[a:b]
+        r0 = int(rows.min()) if len(rows) else 0
+        r1 = int(rows.max()) + 1 if len(rows) else 0
+        whole = replace(self, index=None)._bags_of(lc, r0, r1)
+        return whole.take(torch.from_numpy(np.ascontiguousarray(rows - r0, dtype=np.int64)))
+
     def _load(self, window: _Window) -> dict[str, Tensor]:
         """The window's rows as one row-major matrix per kind ("s", "d", "l": columns in order, in their common
-        narrow dtype) and the group vector ("g"), so a batch is one row gather per kind."""
+        narrow dtype) and the group vector ("g"), so a batch is one row gather per kind; its list fields go to
+        `window.lists` (Note [List batches])."""
         if window.rows is None:
             def rows(c: Column) -> np.ndarray | Tensor:
                 return _cat([self._rows_of(c, a, b) for a, b in window.ranges])
@@ -302,6 +367,8 @@ class Split:
                            for kind, cols in (("s", self.sparse_cols), ("d", self.dense_cols), ("l", self.label_cols))}
             if self.group_col is not None:
                 window.rows["g"] = _tensor(rows(self.group_col))
+            window.lists = {f: _cat_bags([self._bags_of(lc, a, b) for a, b in window.ranges])
+                            for f, lc in self.list_cols.items()}
         return window.rows
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, like: np.ndarray | Tensor) -> Tensor:
@@ -334,11 +401,15 @@ class Split:
 
     def gather(self, pieces: list[Piece]) -> dict[str, Tensor | dict[str, Tensor] | None]:
         """One batch: {"sparse" (B, F) int64, "dense" (B, D) float32, "labels": {name: (B,) float32}, "groups"
-        (B,) int64 or None} of the rows in `pieces` (epoch_chunks), on the batch device."""
+        (B,) int64 or None, and per list field "<f>.ids", "<f>.offsets" (+ "<f>.weights"): Note [List batches]}
+        of the rows in `pieces` (epoch_chunks), on the batch device."""
         parts: dict[str, list[np.ndarray | Tensor]] = {}
+        bags: dict[str, list[_Bags]] = {f: [] for f in self.list_cols}
         for window, pos in pieces:
             for k, v in self._load(window).items():
                 parts.setdefault(k, []).append(_take(v, pos))
+            for f, b in (window.lists or {}).items():
+                bags[f].append(b.take(pos))
         rows = {k: _cat(v) for k, v in parts.items()}
 
         def convert(a: np.ndarray | Tensor, dtype: torch.dtype) -> Tensor:
@@ -347,12 +418,19 @@ class Split:
 
         raw = convert(rows["l"], torch.float32)
         labels = self._products({k: raw[:, j] for j, k in enumerate(self.label_cols)})
-        return {
+        batch = {
             "sparse": self._deliver(convert(rows["s"], torch.int64)),
             "dense": self._deliver(convert(rows["d"], torch.float32)),
             "labels": {k: self._deliver(v.contiguous()) for k, v in labels.items()},
             "groups": None if self.group_col is None else self._deliver(convert(rows["g"], torch.int64)),
         }
+        for f, b in bags.items():  # Note [List batches]: offsets rebased to the batch
+            got = _cat_bags(b)
+            batch[f"{f}.ids"] = self._deliver(convert(got.ids, torch.int64))
+            batch[f"{f}.offsets"] = self._deliver(convert(got.starts, torch.int64))
+            if got.weights is not None:
+                batch[f"{f}.weights"] = self._deliver(convert(got.weights, torch.float32))
+        return batch
 
     def batches(
         self,
@@ -405,7 +483,16 @@ class Split:
             group_col=None if self.group_col is None else mv(self.group_col),
             products=self.products,
             truth_cols=self.truth_cols,
+            list_cols=self.moved_lists(device),
         )
+
+    def moved_lists(self, device: torch.device | str) -> dict[str, ListColumn]:
+        """The split's rows of each list field as CSR tensors on `device` (what `to` moves)."""
+        out = {}
+        for f in self.list_cols:
+            offsets, ids, weights = self.bags(f)
+            out[f] = ListColumn(ids.to(device), offsets.to(device), None if weights is None else weights.to(device))
+        return out
 
     # Whole columns, materialised: for tests, tools and small data; training and evaluation never call these.
 
@@ -450,8 +537,22 @@ class Split:
         for a in range(0, len(self), SCAN_ROWS):
             yield a, self._rows_of(col, a, min(len(self), a + SCAN_ROWS))
 
+    def bags(self, field_name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A list field of the whole split (see above): offsets (N + 1,) int64, ids, weights or None."""
+        b = self._bags_of(self.list_cols[field_name], 0, len(self))
+        return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(b.lengths.cpu(), 0)]), b.ids, b.weights
+
     def first_at_least(self, field_name: str, size: int) -> tuple[int, int] | None:
-        """(0-based row, id) of the first id >= size in sparse column `field_name`; None when there is none."""
+        """(0-based row, id) of the first id >= size in sparse or list column `field_name`; None when there is none."""
+        if field_name in self.list_cols:
+            for a in range(0, len(self), SCAN_ROWS):
+                b = self._bags_of(self.list_cols[field_name], a, min(len(self), a + SCAN_ROWS))
+                over = (b.ids >= size).cpu()
+                if bool(over.any()):
+                    k = int(torch.argmax(over.to(torch.uint8)))
+                    row = int(torch.searchsorted(torch.cumsum(b.lengths.cpu(), 0), k, right=True))
+                    return a + row, int(b.ids[k])
+            return None
         for a, values in self.scan(self.sparse_cols[field_name]):
             over = values >= size
             if bool(over.any()):
@@ -508,7 +609,7 @@ def load_dataset(
         return _load_synthetic(SYNTHETIC_ROWS if rows is None else rows, seed)
     if key is not None:
         info = KNOWN_DATASETS[key]
-        schema = schema_for(key, labels=labels)  # fixed; rejects a labels override
+        schema = schema_for(key, data_dir, labels=labels)  # fixed (Note [Ali-CCP lists]); rejects a labels override
         folder = resolve_folder(key, data_dir)
         prefix: str | None = info.file_prefix
     else:
@@ -526,7 +627,7 @@ def load_dataset(
 
 def _stored_split(st: Stored) -> Split:
     return Split(sparse_cols=dict(st.sparse), dense_cols=dict(st.dense), label_cols=dict(st.labels),
-                 group_col=st.groups)
+                 group_col=st.groups, list_cols=dict(st.lists))
 
 
 def _check_binary(st: Stored, split: Split, binary: tuple[str, ...]) -> None:
@@ -549,7 +650,7 @@ def _load_folder(
     for split in ("train", "test"):
         if split not in files:
             raise DatasetNotFound(f"{folder}: no {split} file ({split}.csv, {split}.parquet or *_{split}_sample.csv)")
-    _same_columns(files, schema)
+    same_columns(files, schema)
     root = cache_root(folder)
     stored: dict[str, Stored] = {}
     splits: dict[str, Split] = {}
@@ -557,7 +658,7 @@ def _load_folder(
         stored[name] = open_store(path, schema, rows, root)
         splits[name] = _stored_split(stored[name])
         _check_binary(stored[name], splits[name], binary_labels)
-    vocab = _vocab_sizes(schema, stored, splits)  # before the val hold-out, so rows still match the files
+    vocab = checked_vocab_sizes(schema, stored, splits)  # before the val hold-out, so rows still match the files
     notes: list[str] = []
     val_from_train = "val" not in splits
     if val_from_train:
@@ -581,113 +682,8 @@ def _load_folder(
         source=str(folder),
         val_from_train=val_from_train,
         notes=tuple(notes),
-        warnings=_label_copies(schema, splits["train"], files["train"]),
+        warnings=label_copies(splits["train"], files["train"]),
     )
-
-
-def _same_columns(files: Mapping[str, Path], schema: Schema) -> None:
-    """A column the schema needs that only the train file has is that file's fault, not the others': say so
-    (the store's check of each file would blame the first file that lacks it)."""
-    if len(files) < 2:
-        return
-    headers = {name: set(read_header(path)) for name, path in files.items()}
-    for col in schema.columns:
-        lacking = [name for name, header in headers.items() if col not in header]
-        if lacking and "train" not in lacking and len(lacking) == len(files) - 1:
-            others = ", ".join(files[name].name for name in lacking)
-            raise DataError(f"{files['train']}: column '{col}' is in this file only ({others} lack it): remove it, "
-                            f"or add it to every split")
-
-
-def unlinked_rows(dataset: Dataset, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, int]]:
-    """Per (label, condition) pair the spec links (`label purchase where click`, `click * purchase`): how many
-    rows of each split have label = 1 with condition = 0. Only the pairs and splits with such rows."""
-    out: dict[tuple[str, str], dict[str, int]] = {}
-    for label, cond in pairs:
-        for name in ("train", "val", "test"):
-            split = dataset.split(name)
-            if label not in split.label_cols or cond not in split.label_cols:
-                continue
-            ys = split.scan(split.label_cols[label])
-            cs = split.scan(split.label_cols[cond])
-            count = sum(int(((np.asarray(y) != 0) & (np.asarray(c) == 0)).sum()) for (_, y), (_, c) in zip(ys, cs))
-            if count:
-                out.setdefault((label, cond), {})[name] = count
-    return out
-
-
-COPY_ROWS = 1 << 16  # train rows compared when looking for copies of a label among the features
-
-
-def _label_copies(schema: Schema, train: Split, path: Path) -> tuple[str, ...]:
-    """Warnings for features equal to a label on the first COPY_ROWS train rows (a label leaking into the
-    inputs makes every metric perfect and the model useless)."""
-    n = min(len(train), COPY_ROWS)
-    labels = {c: np.asarray(train._rows_of(col, 0, n), dtype=np.float64) for c, col in train.label_cols.items()}
-    labels = {c: y for c, y in labels.items() if len(np.unique(y)) > 1}
-    out = []
-    for f, col in (*train.sparse_cols.items(), *train.dense_cols.items()):
-        x = np.asarray(train._rows_of(col, 0, n), dtype=np.float64)
-        for c, y in labels.items():
-            if np.array_equal(x, y):
-                out.append(f"{path}: column '{f}' equals the label '{c}' on the first {n} rows: a copy of the label "
-                           "among the features leaks it into the inputs; drop it (or list it under 'labels' in a "
-                           "schema.json)")
-    return tuple(out)
-
-
-# Note [Vocabulary bound]
-# A field's embedding table has max id + 1 rows, so one stray id (2^40, a raw 64-bit hash) would ask for
-# terabytes. A field's vocabulary is limited to MAX_VOCAB (2^27, 134,217,728 rows: 2 GiB per 4 dimensions
-# of float32, 8 GiB at dim 16, before the optimizer's state); the first id at or beyond it is an error
-# naming the file, column, row and the table it would make. Id spaces that are hashes (or raw ids far
-# sparser than their range) are hashed into a fixed number of buckets instead: `"hash_ids": {"field":
-# buckets}` in the folder's schema.json takes every id of that field modulo the buckets (any 64-bit
-# integer, negative ones too, is accepted there), and `mtldsl train --hash-ids N` does so for every id
-# field the schema does not hash (ids below N are unchanged, so small fields keep their size). A hashed
-# field's vocabulary is its largest id after hashing + 1, at most the bucket count. Colliding ids then
-# share a row, as in any hashed embedding; a run records its --hash-ids, and evaluate/predict reuse it.
-
-
-def _vocab_sizes(schema: Schema, stored: Mapping[str, Stored], splits: Mapping[str, Split]) -> dict[str, int]:
-    """max id + 1 over all splits (the buckets of a hashed field); with declared sizes (schema.json), an id beyond
-    them is a DataError, and so is a vocabulary over MAX_VOCAB (Note [Vocabulary bound])."""
-    computed = {col: max(st.max_ids[col] for st in stored.values()) + 1 for col in schema.sparse}
-    for col in schema.sparse:
-        if computed[col] > MAX_VOCAB and col not in schema.hashed:
-            name, (i, v) = _first_id_at_least(stored, splits, col, MAX_VOCAB)
-            raise fail(stored[name].source, col, i, f"id {v} would make an embedding table of {v + 1} rows "
-                       f"({_size(v + 1)} per 4 dimensions of float32), over the limit of {MAX_VOCAB} rows; if the ids "
-                       f"are hashes or sparse, hash them into buckets: --hash-ids {1 << 20}, or \"hash_ids\": "
-                       f"{{\"{col}\": {1 << 20}}} in the folder's schema.json (Note [Vocabulary bound])")
-    if schema.vocab_sizes is None:
-        return computed
-    for col in schema.sparse:
-        size = schema.vocab_sizes[col]
-        if computed[col] > size:
-            name, (i, v) = _first_id_at_least(stored, splits, col, size)
-            raise fail(stored[name].source, col, i, f"id {v} is outside the declared vocabulary size {size}")
-    return dict(schema.vocab_sizes)
-
-
-def _first_id_at_least(stored: Mapping[str, Stored], splits: Mapping[str, Split], col: str,
-                       size: int) -> tuple[str, tuple[int, int]]:
-    """The split and (0-based row, id) of the first id >= size of `col` (the caller knows there is one)."""
-    for name in stored:
-        found = splits[name].first_at_least(col, size)
-        if found is not None:
-            return name, found
-    raise AssertionError(f"no id >= {size} in column {col!r}")
-
-
-def _size(n_rows: int) -> str:
-    """n rows x 16 bytes (4 float32 dimensions), in binary units."""
-    size = float(n_rows * 16)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if size < 1024 or unit == "PiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:

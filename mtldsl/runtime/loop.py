@@ -36,7 +36,9 @@ from . import runs
 from .binding import Prepared, check_spec, instantiate, prepare, spec_input, vocab_sizes
 from .checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, make_config, resume_config
-from .data import MIN_TRAIN_ROWS, DataError, train_batch_count, unlinked_rows
+from .conflict import epoch_means, gradient_cosines, write_conflict
+from .data import MIN_TRAIN_ROWS, DataError, train_batch_count
+from .datacheck import unlinked_rows
 from .objective import Objective, evaluate_split, format_table, make_monitor, undefined_cause
 from .optim import build_optimizers, make_weighting, shared_parameters, table_bytes, use_sparse
 from .precision import dense_macs, forward, resolve_device, resolve_precision
@@ -133,6 +135,7 @@ class _State:
     bad_epochs: int = 0
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    conflict: list[dict[str, Any]] = field(default_factory=list)  # Note [Gradient conflict]
 
 
 class Trainer:
@@ -167,6 +170,7 @@ class Trainer:
         self.weighting = make_weighting(cfg.weighting, self.objective,
                                         shared_parameters(self.model, prepared.checked.graph)).to(device)
         self.optimizer = build_optimizers(self.model, self.weighting, cfg, device)
+        self.conflict_params = shared_parameters(self.model, prepared.checked.graph) if cfg.log_conflict else None
         self.monitor = make_monitor(cfg.monitor, self.objective, prepared.dataset.train.has_groups)
         self._losses_of = (self.objective.losses if dist is None
                            else functools.partial(self.objective.losses, dist=dist))
@@ -189,6 +193,7 @@ class Trainer:
             "best": {"value": s.best_value, "epoch": s.best_epoch},
             "bad_epochs": s.bad_epochs, "stopped": s.stopped,
             "history": list(s.history),
+            "conflict": list(s.conflict),
             "rng": rng_state(),
             "config": self.cfg.to_json(),
             "vocab_sizes": dict(self.vocab),
@@ -220,7 +225,7 @@ class Trainer:
             loss_sums=list(ckpt["loss_sums"]), loss_count=ckpt["loss_count"], epoch_seconds=ckpt["epoch_seconds"],
             train_seconds=ckpt["train_seconds"], samples=ckpt["samples"], best_value=best["value"],
             best_epoch=best["epoch"], bad_epochs=ckpt["bad_epochs"], stopped=ckpt["stopped"],
-            history=list(ckpt["history"]),
+            history=list(ckpt["history"]), conflict=list(ckpt.get("conflict", [])),
         )
         set_rng_state(ckpt["rng"])
 
@@ -304,6 +309,9 @@ class Trainer:
         """One optimizer step on `batch` (the module in train mode): the losses, (n_losses,), left on the device."""
         out = forward(self.net, batch, self.device, self.precision)
         losses = self._losses_of(out, batch["labels"])
+        if self.conflict_params is not None and (self.state.step + 1) % self.cfg.log_conflict == 0:
+            self.state.conflict.append({"step": self.state.step + 1, "epoch": self.state.epoch + 1,
+                                        **gradient_cosines(losses, self.conflict_params)})
         self.optimizer.zero_grad()
         self.last_weights = self.weighting.backward(losses)
         self.optimizer.step()
@@ -382,6 +390,7 @@ class Trainer:
                 if metric != "n":
                     row[f"val_{key}.{metric}"] = v
         row[f"val_{self.monitor.name}"] = value
+        row.update(epoch_means(s.conflict, epoch))
         row["seconds"] = s.epoch_seconds + eval_seconds
         row["samples_per_second"] = n_samples / s.epoch_seconds if s.epoch_seconds > 0 else math.nan
         s.history.append(row)
@@ -623,6 +632,8 @@ def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Pat
         runs.write_history(run_dir / runs.HISTORY, s.history)
         runs.write_curve(run_dir / runs.CURVE, s.history, trainer.objective.loss_keys, trainer.monitor.name,
                          best_epoch=s.best_epoch, log=trainer.log if trainer.progress else None)
+        if s.conflict:
+            write_conflict(run_dir, s.conflict)
     table = format_table(test)
     if trainer.is_main:
         print(table, flush=True)

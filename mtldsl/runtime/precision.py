@@ -86,4 +86,4 @@ def forward(model: nn.Module, batch: Mapping[str, Any], device: torch.device, pr
     """The model's outputs on a batch's inputs, under bf16 autocast for precision bf16 (none for fp32); losses
     and metrics are always computed in float32 outside it."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == Precision.bf16.value):
-        return model({"sparse": batch["sparse"], "dense": batch["dense"]})
+        return model({k: v for k, v in batch.items() if k not in ("labels", "groups")})  # + list fields' tensors

@@ -2,7 +2,8 @@
 
 `prepare_ali_ccp(raw, out)` reads `sample_skeleton_{train,test}.csv` and `common_features_{train,test}.csv`
 (in RAW or RAW/train, RAW/test) and writes `train.parquet`, `val.parquet`, `test.parquet`, `schema.json`
-(the catalog's `ali_ccp` schema with vocabulary sizes), `vocab.parquet` (raw feature id -> model id per
+(the catalog's `ali_ccp` schema with vocabulary sizes: catalog.ALI_CCP_LISTS with whole behaviour lists,
+the default, or the single-valued one with `last_entry`), `vocab.parquet` (raw feature id -> model id per
 field) and `prepare.json` (settings, row counts, ranges) into OUT. Note [Ali-CCP raw format] describes
 the input and the mapping; Note [Prepare passes] how it runs.
 
@@ -40,8 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..catalog import KNOWN_DATASETS, SCHEMA_FILE, DataError, DatasetNotFound, data_roots, schema_to_json
-from .prepare_join import SKELETON_COLUMNS, CommonTable, Fields, IdCounts, Vocab, build_vocab, parse_rows
+from ..catalog import ALI_CCP_LISTS, KNOWN_DATASETS, SCHEMA_FILE, DataError, DatasetNotFound, data_roots, schema_to_json
+from .prepare_join import SKELETON_COLUMNS, CommonList, CommonTable, Fields, IdCounts, Rows, Vocab, build_vocab, parse_rows
 from .prepare_read import Chunk, read_chunks
 
 __all__ = [
@@ -69,8 +70,13 @@ __all__ = [
 # common_feature_index; the skeleton holds the ad-side and cross fields.
 # Mapping, as torch-rechub's examples/ranking/data/ali-ccp/preprocess_ali_ccp.py does it:
 # - samples with click=0 and purchase=1 (noise: a purchase without a click) are dropped;
-# - a field listed several times in one sample (e.g. the 109_14 behaviour list) keeps its last entry;
-#   a field present in both files takes the common-features entry;
+# - the behaviour fields 109_14, 110_14, 127_14 and 150_14 are lists (Note [Ali-CCP lists] in catalog.py):
+#   by default every entry is kept, in file order, as list<int32> ids with the entries' values as
+#   list<float32> weights `<f>_w` (a row without the field gets an empty list); each entry counts once
+#   for the vocabulary below, and a value that is not a finite number is an error at its line. With
+#   `--last-entry` (torch-rechub's mapping) they are single-valued like every other field:
+# - a field listed several times in one sample (e.g. the 210 field) keeps its last entry;
+#   a field present in both files takes the common-features entry (its whole list, for a list field);
 # - sparse field f: raw feature ids seen at least `min_count` times in the train rows (per sample,
 #   after the join) get ids 1..K_f by descending count (ties by raw id); rarer or unseen ids and a
 #   missing field are 0; vocab size K_f + 1. torch-rechub counts the whole train file and keeps >= 10;
@@ -333,7 +339,7 @@ def _count_chunk(chunk: Chunk, common: CommonTable, fields: Fields, val_share: f
     val = _val_mask(chunk.columns[0], rows.keep, val_share)
     train = rows.keep & ~val
     if not train.any():
-        return _ChunkCounts(val.astype(np.uint8), 0, None, [None] * len(fields.sparse), None, None)
+        return _ChunkCounts(val.astype(np.uint8), 0, None, [None] * (len(fields.sparse) + len(fields.lists)), None, None)
     joined = rows.lines[train]
     hits = np.bincount(joined[joined >= 0], minlength=common.n_lines)
     ids: list[pa.Array | None] = []
@@ -341,6 +347,11 @@ def _count_chunk(chunk: Chunk, common: CommonTable, fields: Fields, val_share: f
         e = rows.entries.last[:, j]
         own = train & (e >= 0) & ~common.has(j, rows.lines)
         ids.append(pc.value_counts(rows.entries.ids(e[own])) if own.any() else None)
+    for j in fields.lists:  # every entry counts (Note [Ali-CCP raw format])
+        assert rows.entries.row is not None
+        own_list = rows.own_lists[j].entry
+        entry = own_list[train[rows.entries.row[own_list]]]
+        ids.append(pc.value_counts(rows.entries.ids(entry)) if len(entry) else None)
     dense = rows.dense[:, train]
     return _ChunkCounts(val.astype(np.uint8), int(train.sum()), hits, ids, dense.min(axis=1), dense.max(axis=1))
 
@@ -348,7 +359,8 @@ def _count_chunk(chunk: Chunk, common: CommonTable, fields: Fields, val_share: f
 def _count_train(skeleton: Path, common: CommonTable, fields: Fields, sparse: Sequence[str], val_share: float,
                  block_size: int, workers: int, val_out: BinaryIO,
                  progress: Callable[[int, int], None] | None) -> _TrainCounts:
-    """Pass 1 (Note [Prepare passes]): count ids and dense ranges of the train rows, write each row's val flag."""
+    """Pass 1 (Note [Prepare passes]): count ids and dense ranges of the train rows, write each row's val flag.
+    `sparse`: the id fields counted, the sparse ones then the list ones (fields.sparse, fields.lists)."""
     counts = [IdCounts() for _ in sparse]
     hits = np.zeros(common.n_lines, dtype=np.int64)  # train rows joined to each common line
     lo = np.full(len(fields.dense), np.inf)
@@ -377,6 +389,12 @@ def _count_train(skeleton: Path, common: CommonTable, fields: Fields, sparse: Se
             seen = np.flatnonzero(per_id)
             if len(seen):
                 counts[s].add(common.dictionary[j].take(pa.array(seen)), pa.array(per_id[seen].astype(np.int64)))
+    for s, j in enumerate(fields.lists, len(fields.sparse)):  # each entry of a line, once per train row joined to it
+        cl = common.lists[j]
+        per_id = np.bincount(cl.codes, weights=np.repeat(hits, np.diff(cl.offsets)), minlength=len(cl.dictionary))
+        seen = np.flatnonzero(per_id)
+        if len(seen):
+            counts[s].add(cl.dictionary.take(pa.array(seen)), pa.array(per_id[seen].astype(np.int64)))
     return _TrainCounts({f: c.merge() for f, c in zip(sparse, counts)}, lo, hi, n_train, max_rows)
 
 
@@ -409,14 +427,61 @@ def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonT
         if own.any():
             ids[s, own] = vocab[s].lookup(rows.entries.ids(e[own]))
     dense = [_scale(rows.dense[d], float(train.lo[d]), float(train.hi[d])) for d in range(len(fields.dense))]
+    lists = [_ListRows.of(rows, j, common, common_ids[j], vocab[s])
+             for s, j in enumerate(fields.lists, len(fields.sparse))]
     targets = {split: rows.keep} if val is None else {"train": rows.keep & (val == 0), "val": rows.keep & (val != 0)}
     tables = {}
     for target, mask in targets.items():
         sel = np.flatnonzero(mask)
         if len(sel):
-            columns = [rows.click[sel], rows.purchase[sel], *(i[sel] for i in ids), *(d[sel] for d in dense)]
-            tables[target] = pa.Table.from_arrays([pa.array(c) for c in columns], schema=schema)
+            columns = [pa.array(c) for c in (rows.click[sel], rows.purchase[sel], *(i[sel] for i in ids))]
+            columns += [a for rows_of in lists for a in rows_of.take(sel)]
+            columns += [pa.array(d[sel]) for d in dense]
+            tables[target] = pa.Table.from_arrays(columns, schema=schema)
     return _Mapped(n, tables, skipped)
+
+
+def _ragged(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 for every i, concatenated."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
+
+
+@dataclass
+class _ListRows:
+    """One list field of a chunk's rows: each row's entries, from its common line or else its own (model ids, weights)."""
+
+    common: CommonList
+    common_ids: np.ndarray  # model id of each entry of the common file
+    lines: np.ndarray
+    from_common: np.ndarray  # per row: the common line holds the list
+    own_ids: np.ndarray  # model ids of the rows' own entries, in row order
+    own_values: np.ndarray  # float32
+    own_counts: np.ndarray  # int64 per row
+
+    @classmethod
+    def of(cls, rows: Rows, j: int, common: CommonTable, common_ids: np.ndarray, vocab: Vocab) -> _ListRows:
+        own = rows.own_lists[j]
+        cl = common.lists[j]
+        return cls(cl, common_ids, rows.lines, cl.lengths(rows.lines) > 0, vocab.lookup(rows.entries.ids(own.entry)),
+                   own.values.astype(np.float32), own.counts)
+
+    def take(self, sel: np.ndarray) -> tuple[pa.Array, pa.Array]:
+        """The rows `sel`: list<int32> ids and list<float32> weights."""
+        c = self.from_common[sel]
+        lengths = np.where(c, self.common.lengths(self.lines[sel]), self.own_counts[sel])
+        out = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
+        ids = np.empty(int(out[-1]), dtype=np.int32)
+        weights = np.empty(int(out[-1]), dtype=np.float32)
+        own_start = (np.cumsum(self.own_counts) - self.own_counts)[sel]
+        for rows, starts, src_ids, src_values in (
+                (np.flatnonzero(c), self.common.offsets[np.maximum(self.lines[sel], 0)], self.common_ids,
+                 self.common.values),
+                (np.flatnonzero(~c), own_start, self.own_ids, self.own_values)):
+            src, dst = _ragged(starts[rows], lengths[rows]), _ragged(out[rows], lengths[rows])
+            ids[dst], weights[dst] = src_ids[src], src_values[src]
+        offsets = pa.array(out.astype(np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(ids)), pa.ListArray.from_arrays(offsets, pa.array(weights))
 
 
 def _write_skeleton(skeleton: Path, split: str, common: CommonTable, fields: Fields, vocab: Sequence[Vocab],
@@ -429,6 +494,9 @@ def _write_skeleton(skeleton: Path, split: str, common: CommonTable, fields: Fie
         if j in common.codes:
             per_id = np.concatenate([vocab[s].lookup(common.dictionary[j]), np.zeros(1, dtype=np.int32)])
             common_ids[j] = per_id[common.codes[j]]  # code -1 takes the trailing 0
+    for s, j in enumerate(fields.lists, len(fields.sparse)):  # list fields: model id of every common entry
+        cl = common.lists[j]
+        common_ids[j] = vocab[s].lookup(cl.dictionary)[cl.codes] if len(cl.codes) else np.zeros(0, dtype=np.int32)
     schema = writers["test"].schema
 
     def jobs() -> Iterator[Callable[[], _Mapped]]:
@@ -459,7 +527,8 @@ def _write_vocab(path: Path, sparse: Sequence[str], vocab: Sequence[Vocab]) -> N
 
 
 def _read_common(path: Path, fields: Fields, block_size: int, bars: _Bars) -> CommonTable:
-    common = CommonTable.read(path, fields.array(), fields.dense, block_size, bars.bar(path, f"index {path.name}"))
+    common = CommonTable.read(path, fields.array(), fields.dense, block_size, bars.bar(path, f"index {path.name}"),
+                              fields.lists)
     bars.say(f"indexed {common.n_lines} common-feature lines of {path.name}")
     return common
 
@@ -503,7 +572,7 @@ def _write_side_files(work: Path, files: Mapping[str, Path], schema: Any, vocab:
                       rows: Mapping[str, int], skipped: Counter[str], min_count: int,
                       val_share: float) -> dict[str, tuple[float, float]]:
     """schema.json, vocab.parquet and prepare.json into `work`; returns the dense ranges."""
-    sparse = schema.sparse
+    sparse = (*schema.sparse, *schema.lists)
     vocab_sizes = {f: len(v.raw_ids) + 1 for f, v in zip(sparse, vocab)}
     raw_ids = {f: v.n_raw for f, v in zip(sparse, vocab)}
     final_schema = replace(schema, vocab_sizes=vocab_sizes)
@@ -522,6 +591,9 @@ def _write_side_files(work: Path, files: Mapping[str, Path], schema: Any, vocab:
         "raw_ids": raw_ids,
         "dense_range": {k: list(v) for k, v in dense_range.items()},
     }
+    if schema.lists:  # (absent with --last-entry: that prepare.json is the one written before lists existed)
+        manifest["lists"] = {"fields": list(schema.lists), "weights": dict(schema.list_weights),
+                             "mapping": "every entry of the list; its value is its weight"}
     (work / "prepare.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return dense_range
 
@@ -537,6 +609,7 @@ def prepare_ali_ccp(
     workers: int = DEFAULT_WORKERS,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    last_entry: bool = False,
 ) -> PrepareReport:
     """Convert the raw Ali-CCP files in `raw` into a dataset folder `out` (default: default_out()).
 
@@ -544,7 +617,8 @@ def prepare_ali_ccp(
     raw ids seen fewer times in train map to 0; `val_share`: share of the train skeleton held out as val;
     `row_group_size`: rows per Parquet row group; `block_size`: bytes of raw text per chunk (with the
     common-features table, what bounds memory); `workers`: threads parsing chunks; `progress`: progress bars with rows/s (tqdm) on stderr;
-    `log`: receives one-line notes.
+    `log`: receives one-line notes; `last_entry`: keep only the last entry of each behaviour list, single-valued
+    (torch-rechub's mapping), instead of the whole weighted lists (Note [Ali-CCP lists] in catalog.py).
     """
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
@@ -558,9 +632,9 @@ def prepare_ali_ccp(
     files = _find_raw(raw)
     bars = _Bars(progress, log)
 
-    schema = KNOWN_DATASETS["ali_ccp"].schema
-    sparse = schema.sparse
-    fields = Fields.of(sparse, schema.dense)
+    schema = KNOWN_DATASETS["ali_ccp"].schema if last_entry else ALI_CCP_LISTS
+    sparse = (*schema.sparse, *schema.lists)  # every id field: the vocabulary's
+    fields = Fields.of(schema.sparse, schema.dense, schema.lists)
 
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
@@ -581,7 +655,9 @@ def prepare_ali_ccp(
                  f"{sum(vocab_sizes.values()) - len(sparse)} seen at least {min_count} times")
 
         # pass 2: map and write
-        columns = ([(c, pa.int8()) for c in LABELS] + [(f, pa.int32()) for f in sparse]
+        columns = ([(c, pa.int8()) for c in LABELS] + [(f, pa.int32()) for f in schema.sparse]
+                   + [c for f in schema.lists for c in ((f, pa.list_(pa.int32())),
+                                                        (schema.list_weights[f], pa.list_(pa.float32())))]
                    + [(d, pa.float32()) for d in schema.dense])
         table_schema = pa.schema(columns)
         writers.update({s: _SplitWriter(work / f"{s}.parquet", table_schema, row_group_size)
@@ -640,13 +716,13 @@ def prepare_ali_ccp(
 def prepare(name: str, raw: str | Path, out: str | Path | None = None, *, min_count: int = DEFAULT_MIN_COUNT,
             val_share: float = DEFAULT_VAL_SHARE, row_group_size: int = DEFAULT_ROW_GROUP,
             block_size: int = DEFAULT_BLOCK, workers: int = DEFAULT_WORKERS, progress: bool = False,
-            log: Callable[[str], None] | None = None) -> PrepareReport:
+            log: Callable[[str], None] | None = None, last_entry: bool = False) -> PrepareReport:
     """`mtldsl data prepare NAME`: dispatch on the dataset name (only ali_ccp has a raw format to convert)."""
     key = name.strip().lower().replace("-", "_")
     if key == "ali_ccp":
         return prepare_ali_ccp(raw, out if out is not None else default_out(key), min_count=min_count,
                                val_share=val_share, row_group_size=row_group_size, block_size=block_size, workers=workers,
-                               progress=progress, log=log)
+                               progress=progress, log=log, last_entry=last_entry)
     known = ", ".join(PREPARABLE)
     if key in KNOWN_DATASETS:
         raise DataError(f"dataset '{key}' has no raw-file converter (only {known}); put its train/val/test "

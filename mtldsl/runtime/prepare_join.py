@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 from ..catalog import DataError
 from .prepare_read import Chunk, Entries, parse_entries, read_chunks, to_float
 
-__all__ = ["SKELETON_COLUMNS", "CommonTable", "Fields", "IdCounts", "Rows", "Vocab", "build_vocab", "malformed_message",
-           "parse_rows", "positions"]
+__all__ = ["SKELETON_COLUMNS", "CommonList", "CommonTable", "Fields", "IdCounts", "OwnList", "Rows", "Vocab", "build_vocab", "malformed_message",
+           "list_values", "parse_rows", "positions"]
 
 SKELETON_COLUMNS = ("sample_id", "click", "purchase", "common_feature_index", "num_features", "feature_list")
 
@@ -59,6 +59,49 @@ def positions(values: pa.Array, keys: pa.Array) -> np.ndarray:
 
 
 @dataclass
+class CommonList:
+    """Every entry of one list field in a common-features file, by line (CSR): dictionary codes and values."""
+
+    offsets: np.ndarray  # int64 (n_lines + 1,)
+    codes: np.ndarray  # int32 per entry, into `dictionary`
+    values: np.ndarray  # float32 per entry (the weights)
+    dictionary: pa.Array  # the distinct raw ids
+
+    def lengths(self, lines: np.ndarray) -> np.ndarray:
+        """Entries of each joined line (0 for rows without a line)."""
+        if len(self.offsets) == 1:  # an empty file
+            return np.zeros(len(lines), dtype=np.int64)
+        at = np.maximum(lines, 0)
+        return np.where(lines >= 0, self.offsets[at + 1] - self.offsets[at], 0)
+
+
+def list_values(chunk: Chunk, entries: Entries, entry: np.ndarray, name: str) -> np.ndarray:
+    """The values of a list field's entries as float32 weights; the first that is not a finite number is a DataError."""
+    text = entries.values(entry)
+    values = to_float(text)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        i = int(bad[0])
+        assert entries.row is not None
+        raise DataError(f"{chunk.where(int(entries.row[entry[i]]))}: field {name}: expected a finite number as the "
+                        f"feature value, got {text[i].as_py()[:40]!r}")
+    return values.astype(np.float32)
+
+
+def _read_lists(chunks: list[tuple[np.ndarray, pa.Array, np.ndarray]]) -> CommonList:
+    """One list field's per-chunk (counts per line, dictionary-encoded ids, values) as one CommonList."""
+    lengths = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+    offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
+    unified = pa.chunked_array([c[1] for c in chunks], pa.dictionary(pa.int32(), pa.string())).unify_dictionaries()
+    has = unified.num_chunks and len(unified.chunks[0].dictionary)
+    dictionary = unified.chunks[0].dictionary if has else pa.array([], pa.string())
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in unified.chunks]).astype(np.int32) \
+        if has else np.zeros(0, dtype=np.int32)
+    values = np.concatenate([c[2] for c in chunks]) if chunks else np.zeros(0, dtype=np.float32)
+    return CommonList(offsets, codes, values, dictionary)
+
+
+@dataclass
 class CommonTable:
     """One common-features file: key -> line, and per line the wanted fields (Note [Join memory])."""
 
@@ -70,14 +113,17 @@ class CommonTable:
     dictionary: dict[int, pa.Array]  # wanted field position -> the distinct raw ids
     dense: dict[int, np.ndarray]  # dense position -> per-line value (NaN when absent or not a finite number)
     bad: dict[tuple[int, int], str] = field(default_factory=dict)  # (dense position, line) -> raw text, not finite
+    lists: dict[int, CommonList] = field(default_factory=dict)  # list field position -> every entry, by line
 
     @classmethod
     def read(cls, path: Path, fields: pa.Array, dense_fields: Sequence[int], block_size: int,
-             progress: Callable[[int, int], None] | None = None) -> CommonTable:
-        """Parse `path` (common_feature_index,num_features,feature_list) keeping `fields` and dense values."""
+             progress: Callable[[int, int], None] | None = None, list_fields: Sequence[int] = ()) -> CommonTable:
+        """Parse `path` (common_feature_index,num_features,feature_list) keeping `fields` and dense values, and every
+        entry of the `list_fields` (a non-finite value of one is a DataError naming its line)."""
         keys: list[pa.Array] = []
         coded: dict[int, list[pa.Array]] = {j: [] for j in range(len(fields))}
         dense: dict[int, list[np.ndarray]] = {d: [] for d in range(len(dense_fields))}
+        listed: dict[int, list[tuple[np.ndarray, pa.Array, np.ndarray]]] = {j: [] for j in list_fields}
         bad: dict[tuple[int, int], str] = {}
         n_lines = 0
         for chunk in read_chunks(path, ("common_feature_index", "num_features", "feature_list"), block_size,
@@ -106,6 +152,11 @@ class CommonTable:
                     for i in np.flatnonzero(~np.isfinite(parsed)):
                         bad[(d, n_lines + int(np.flatnonzero(has)[i]))] = text[int(i)].as_py()
                 dense[d].append(values)
+            for j in list_fields:
+                entry, counts = entries.every(j)
+                name = fields[j].as_py()
+                listed[j].append((counts, pc.dictionary_encode(entries.ids(entry)),
+                                  list_values(chunk, entries, entry, name)))
             n_lines += len(chunk)
         all_keys = pa.chunked_array(keys, pa.string()).combine_chunks()
         codes: dict[int, np.ndarray] = {}
@@ -127,7 +178,8 @@ class CommonTable:
             distinct = encoded.dictionary
         dense_values = {d: np.concatenate(v) if v else np.zeros(0) for d, v in dense.items()}
         dense_values = {d: v for d, v in dense_values.items() if (dense_fields[d] in codes)}
-        return cls(path, n_lines, distinct, key_line, codes, dictionary, dense_values, bad)
+        lists = {j: _read_lists(parts) for j, parts in listed.items()}
+        return cls(path, n_lines, distinct, key_line, codes, dictionary, dense_values, bad, lists)
 
     def join(self, index: pa.Array) -> np.ndarray:
         """The common line of each value of `index` (a chunk column), -1 when the file has none."""
@@ -142,8 +194,9 @@ class CommonTable:
         return (lines >= 0) & (codes[np.maximum(lines, 0)] >= 0)
 
     def nbytes(self) -> int:
+        lists = sum(c.offsets.nbytes + c.codes.nbytes + c.values.nbytes + c.dictionary.nbytes for c in self.lists.values())
         return (self.keys.nbytes + self.key_line.nbytes + sum(c.nbytes for c in self.codes.values())
-                + sum(d.nbytes for d in self.dictionary.values()) + sum(v.nbytes for v in self.dense.values()))
+                + sum(d.nbytes for d in self.dictionary.values()) + sum(v.nbytes for v in self.dense.values()) + lists)
 
 
 class IdCounts:
@@ -201,18 +254,21 @@ def build_vocab(counts: pa.Table, min_count: int) -> Vocab:
 
 @dataclass
 class Fields:
-    """The wanted fields as positions: every sparse field and dense source, in one order."""
+    """The wanted fields as positions: every sparse field, list field and dense source, in one order."""
 
-    names: tuple[str, ...]  # sparse fields, then dense sources that are not sparse
+    names: tuple[str, ...]  # sparse fields, list fields, then dense sources that are neither
     sparse: tuple[int, ...]  # position of each schema.sparse field
     dense: tuple[int, ...]  # position of each dense source (D109_14 -> 109_14)
     dense_sources: tuple[str, ...]
+    lists: tuple[int, ...] = ()  # position of each list field (every entry kept; none with --last-entry)
 
     @classmethod
-    def of(cls, sparse: Sequence[str], dense_columns: Sequence[str]) -> Fields:
+    def of(cls, sparse: Sequence[str], dense_columns: Sequence[str], lists: Sequence[str] = ()) -> Fields:
         sources = tuple(d[1:] for d in dense_columns)  # D109_14 -> 109_14
-        names = tuple(sparse) + tuple(s for s in dict.fromkeys(sources) if s not in sparse)
-        return cls(names, tuple(range(len(sparse))), tuple(names.index(s) for s in sources), sources)
+        ids = (*sparse, *lists)
+        names = ids + tuple(s for s in dict.fromkeys(sources) if s not in ids)
+        return cls(names, tuple(range(len(sparse))), tuple(names.index(s) for s in sources), sources,
+                   tuple(range(len(sparse), len(ids))))
 
     def array(self) -> pa.Array:
         return pa.array(list(self.names), pa.string())
@@ -230,6 +286,16 @@ class Rows:
     entries: Entries
     lines: np.ndarray  # the common line of each row, -1 when the common-features file has none
     dense: np.ndarray  # (D, rows) raw dense values after the join, 0 when the field is missing
+    own_lists: dict[int, OwnList] = field(default_factory=dict)  # list field position -> the rows' own entries
+
+
+@dataclass
+class OwnList:
+    """A list field's entries in skeleton rows kept whose common line lacks the field (Note [Ali-CCP raw format])."""
+
+    entry: np.ndarray  # entry indices (into Entries), in file order
+    counts: np.ndarray  # int64 per row
+    values: np.ndarray  # float64 per entry (checked finite by parse_rows)
 
 
 def _flags(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +334,15 @@ def parse_rows(chunk: Chunk, common: CommonTable, fields: Fields) -> Rows:
         if own.any():
             dense[d, own] = to_float(entries.values(e[own]))
     bad_dense = ~np.isfinite(dense)
-    bad = bad_click | bad_purchase | malformed | bad_dense.any(axis=0)
+    own_lists: dict[int, OwnList] = {}
+    bad_list = np.zeros(n, dtype=bool)
+    for j in fields.lists:  # every entry of a list field, where the common line does not give the list
+        entry, counts = entries.every(j, keep & (common.lists[j].lengths(lines) == 0))
+        values = to_float(entries.values(entry))
+        assert entries.row is not None
+        bad_list[entries.row[entry[~np.isfinite(values)]]] = True
+        own_lists[j] = OwnList(entry, counts, values)
+    bad = bad_click | bad_purchase | malformed | bad_dense.any(axis=0) | bad_list
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         where = chunk.where(i)
@@ -277,12 +351,22 @@ def parse_rows(chunk: Chunk, common: CommonTable, fields: Fields) -> Rows:
             raise DataError(f"{where}: column '{name}': expected 0 or 1, got {value[i].as_py()[:40]!r}")
         if malformed[i]:
             raise DataError(malformed_message(where, int(entries.parts[i])))
-        d = int(np.flatnonzero(bad_dense[:, i])[0])
-        j = fields.dense[d]
-        if common.has(j, lines[i:i + 1])[0]:
-            text = common.bad[(d, int(lines[i]))]
+        if bad_dense[:, i].any():
+            d = int(np.flatnonzero(bad_dense[:, i])[0])
+            j, name = fields.dense[d], fields.dense_sources[d]
+            if common.has(j, lines[i:i + 1])[0]:
+                text = common.bad[(d, int(lines[i]))]
+            else:
+                text = entries.values(entries.last[i:i + 1, j]).to_pylist()[0]
         else:
-            text = entries.values(entries.last[i:i + 1, j]).to_pylist()[0]
-        raise DataError(f"{where}: field {fields.dense_sources[d]}: expected a finite number as the feature value, "
-                        f"got {text[:40]!r}")
-    return Rows(chunk, keep, noise & ~header, c1.astype(np.int8), p1.astype(np.int8), entries, lines, dense)
+            j = next(j for j in fields.lists if _bad_entry(entries, own_lists[j], i) is not None)
+            name, text = fields.names[j], _bad_entry(entries, own_lists[j], i)  # type: ignore[assignment]
+        raise DataError(f"{where}: field {name}: expected a finite number as the feature value, got {text[:40]!r}")
+    return Rows(chunk, keep, noise & ~header, c1.astype(np.int8), p1.astype(np.int8), entries, lines, dense, own_lists)
+
+
+def _bad_entry(entries: Entries, own: OwnList, i: int) -> str | None:
+    """The text of row i's first entry of a list field whose value is not a finite number, None when none is."""
+    assert entries.row is not None
+    hit = np.flatnonzero((entries.row[own.entry] == i) & ~np.isfinite(own.values))
+    return None if not len(hit) else entries.values(own.entry[hit[:1]]).to_pylist()[0]

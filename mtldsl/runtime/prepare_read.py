@@ -3,7 +3,7 @@
 `read_chunks(path, names, block_size)` takes a raw file and gives `Chunk`s: pyarrow string columns of at
 most one block of text (about `block_size` bytes) each, with where they sit in the file so that an error
 can name its line. `parse_entries(feature_lists, fields)` takes a chunk's feature-list column and gives
-`Entries`: per row and wanted field, the index of the field's last entry, its id and value tokens.
+`Entries`: per row and wanted field, the index of the field's last entry (or every entry), its id and value tokens.
 `to_float` is Python's float() over a string array, vectorised. Note [Ali-CCP raw format] in
 runtime/prepare.py is the spec of the text; Note [Reading raw lines] below says how lines are read.
 """
@@ -176,6 +176,18 @@ class Entries:
     tokens: pa.Array
     start: np.ndarray  # token index of each entry's field part
     last: np.ndarray
+    code: np.ndarray | None = None  # per entry: its wanted field's position, -1 for another field
+    row: np.ndarray | None = None  # per entry: its row
+
+    def every(self, j: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every entry of wanted field j (of the rows where `rows` is True), in file order, and the count per row
+        (a list field keeps all its entries: Note [Ali-CCP raw format])."""
+        assert self.code is not None and self.row is not None
+        mine = self.code == j
+        if rows is not None:
+            mine &= rows[self.row]
+        entry = np.flatnonzero(mine)
+        return entry, np.bincount(self.row[entry], minlength=len(self.parts)).astype(np.int64)
 
     def ids(self, entry: np.ndarray) -> pa.Array:
         """The id tokens of the entries `entry` (indices into `start`)."""
@@ -235,7 +247,7 @@ def parse_entries(feature_lists: pa.Array, fields: pa.Array) -> Entries:
     slot = np.full(n * n_fields, -1, dtype=np.int32)
     key = row[wanted].astype(np.int64) * n_fields + code[wanted]
     np.maximum.at(slot, key, wanted.astype(np.int32))  # the last entry of a field wins
-    return Entries(parts, tokens, start, slot.reshape(n, n_fields))
+    return Entries(parts, tokens, start, slot.reshape(n, n_fields), code, row)
 
 
 def to_float(values: pa.Array) -> np.ndarray:

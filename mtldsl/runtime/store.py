@@ -1,7 +1,7 @@
 """On-disk column store: one dataset file (CSV or Parquet) + its schema -> checked, narrow, per-column .npy files.
 
 Takes a source file, the schema and an optional row cap; gives `Stored` (row count, one `ColumnFile`
-per column, each sparse field's largest id, which labels hold only 0/1). The first use converts the file
+per column, one `ListColumn` per list field, each sparse and list field's largest id, which labels hold only 0/1). The first use converts the file
 in chunks of CHUNK_ROWS rows (Parquet row group by row group, CSV through pandas' chunked reader),
 checking every value on the way (bad data raises DataError naming the file, column and 1-based row);
 later uses only read the manifest. Note [Column store] says what is stored where and when it is rebuilt.
@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import BinaryIO
@@ -33,7 +33,7 @@ from pandas.api import types as ptypes
 from mtldsl.catalog import DataError, Schema
 from mtldsl.datafiles import open_csv, read_header
 
-__all__ = ["CACHE_DIR", "CACHE_ENV", "CHUNK_ROWS", "FORMAT", "ColumnFile", "Role", "Stored", "cache_root",
+__all__ = ["CACHE_DIR", "CACHE_ENV", "CHUNK_ROWS", "FORMAT", "ColumnFile", "ListColumn", "Role", "Stored", "cache_root",
            "narrow_id_dtype", "npy_writer", "open_columns", "open_store", "publish", "user_cache"]
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,25 @@ log = logging.getLogger(__name__)
 # at a time (data.py, Note [Block shuffle]). Pages of a memory map stay in the process's resident set
 # until unmapped, so mapping a 40M-row column would make peak RSS grow with the file again; reads
 # leave them in the page cache only, which the kernel shares and reclaims.
+# A list field (Note [List fields] in runtime/layers.py; Parquet only, Note [List columns]) is stored as
+# CSR: its ids concatenated in row order (narrowest integer type, like a sparse field), row offsets (n + 1
+# int64, the first 0) and, when the schema names a weights column, the weights (float32, aligned with the
+# ids). Rows [a, b) are offsets [a, b] and then ids [offsets[a], offsets[b]): two positioned reads, so
+# reading a list field is bounded by the window's ids, like every other column.
+
+# Note [List columns]
+# List fields come from Parquet list<integer> columns and their weights from list<float> (or list<int>)
+# columns of the same lengths row by row. CSV has no list type and no spelling is invented for one:
+# a CSV file whose schema has list fields is refused with a message saying to write Parquet. Checked
+# per row, each error naming file, column and 1-based row: a missing list (null; an empty list `[]` is
+# fine and pools to zeros), a missing id inside a list, a negative id, a column that is not a list of
+# integers, weights that are missing, not a list of numbers, not finite, or of another length than the
+# ids; and a list in a single-valued column (an empty one is "an empty list where a value is required").
 
 CACHE_DIR = ".mtldsl-cache"
 CACHE_ENV = "MTLDSL_CACHE_DIR"  # when set, every store lives under it (tests; data on a shared read-only mount)
 CHUNK_ROWS = 1 << 18  # rows per conversion chunk (~30 MB of parsed columns for Ali-CCP's 33)
-FORMAT = 1  # the store layout; a different number rebuilds every store
+FORMAT = 2  # the store layout (2: list fields); a different number rebuilds every store
 MANIFEST = "manifest.json"
 PREPARED = "prepare.json"  # written by `mtldsl data prepare`: the folder is mtldsl's (Note [The user's folder])
 
@@ -87,6 +101,9 @@ class Role(Enum):
     sparse = "sparse"
     dense = "dense"
     group = "group"
+    list_ids = "list"  # a list field's ids, concatenated (Note [Column store])
+    list_offsets = "offsets"  # its n + 1 row offsets
+    list_weights = "weights"  # its weights, aligned with the ids
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,17 @@ class ColumnFile:
 
 
 @dataclass(frozen=True)
+class ListColumn:
+    """A list field as CSR (Note [Column store]): `offsets` (n + 1 int64), `ids` and optional `weights` (float32).
+
+    Each part is a ColumnFile (a store), a numpy array (in memory) or a tensor (moved to an accelerator)."""
+
+    ids: object
+    offsets: object
+    weights: object | None = None
+
+
+@dataclass(frozen=True)
 class Stored:
     """A converted file: its columns (schema names) and what pass 1 learnt about them."""
 
@@ -145,7 +173,8 @@ class Stored:
     sparse: dict[str, ColumnFile]
     dense: dict[str, ColumnFile]
     groups: ColumnFile | None  # the user id column (the sparse field's file when it is one)
-    max_ids: dict[str, int]  # per sparse field
+    max_ids: dict[str, int]  # per sparse and list field
+    lists: dict[str, ListColumn] = field(default_factory=dict)
 
 
 def narrow_id_dtype(lo: int, hi: int) -> np.dtype:
@@ -292,7 +321,7 @@ def _chunk_arrays(df: pd.DataFrame, path: Path, schema: Schema, base: int) -> di
     for col in schema.labels:
         out[Role.label, col] = _finite(path, df, col, base)
     for col in schema.sparse:
-        if col in schema.hashed:  # any 64-bit id, taken modulo the buckets (Note [Vocabulary bound] in data.py)
+        if col in schema.hashed:  # any 64-bit id, taken modulo the buckets (Note [Vocabulary bound] in datacheck.py)
             out[Role.sparse, col] = _ids(path, df, col, base, non_negative=False) % schema.hashed[col]
         else:
             out[Role.sparse, col] = _ids(path, df, col, base)
@@ -303,19 +332,122 @@ def _chunk_arrays(df: pd.DataFrame, path: Path, schema: Schema, base: int) -> di
     return out
 
 
+# --- list fields (Note [List columns]) ------------------------------------------------------------
+
+
+@dataclass
+class ListChunk:
+    """One chunk of a list field, checked: per row its list length, the ids in row order, the weights or None."""
+
+    lengths: np.ndarray  # int64 (rows,)
+    ids: np.ndarray  # int64 (sum of lengths,)
+    weights: np.ndarray | None  # float32, aligned with ids
+
+
+def _list_columns(schema: Schema) -> set[str]:
+    return {*schema.lists, *(schema.list_weights[f] for f in schema.lists if f in schema.list_weights)}
+
+
+def _first_valid(a: object) -> int:
+    valid = np.asarray(a.is_valid())  # type: ignore[attr-defined]
+    return int(np.argmax(valid)) if valid.any() else 0
+
+
+def _is_list(t: object) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+
+
+def _flat(path: Path, col: str, a: object, base: int, ok: Callable[[object], bool], what: str) -> tuple[np.ndarray, object]:
+    """A list column's per-row lengths and its values (a pyarrow array), after the type and missing-value checks."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = a.type  # type: ignore[attr-defined]
+    if not _is_list(t) or not (ok(t.value_type) or pa.types.is_null(t.value_type)):
+        shown = f"list<{t.value_type}>" if _is_list(t) else str(t)
+        raise fail(path, col, base + _first_valid(a), f"expected {what}, got a Parquet column of type {shown}")
+    if a.null_count:  # type: ignore[attr-defined]
+        i = int(np.argmax(~np.asarray(a.is_valid())))  # type: ignore[attr-defined]
+        raise fail(path, col, base + i, "missing list (write an empty list for a row without ids)")
+    lengths = pc.list_value_length(a).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(a)
+    if values.null_count:
+        k = int(np.argmax(~np.asarray(values.is_valid())))
+        raise fail(path, col, base + _row_of(lengths, k), "missing value inside the list")
+    return lengths, values
+
+
+def _row_of(lengths: np.ndarray, k: int) -> int:
+    """The row (of a chunk) holding the k-th value of its concatenated lists."""
+    return int(np.searchsorted(np.cumsum(lengths), k, side="right"))
+
+
+def _check_list(path: Path, schema: Schema, f: str, raw: dict[str, object], base: int) -> ListChunk:
+    """Check one chunk of list field `f` (and its weights): Note [List columns]."""
+    import pyarrow as pa
+
+    lengths, values = _flat(path, f, raw[f], base, pa.types.is_integer, "a list of integer ids (Parquet list<int>)")
+    ids = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)  # type: ignore[attr-defined]
+    if (ids < 0).any():
+        k = _first(ids < 0)
+        raise fail(path, f, base + _row_of(lengths, k), f"expected non-negative integer ids, got {ids[k]}")
+    weights = None
+    wcol = schema.list_weights.get(f)
+    if wcol is not None:
+        numeric = (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t))
+        wlen, wvalues = _flat(path, wcol, raw[wcol], base, numeric, "a list of numbers (Parquet list<float>)")
+        if (wlen != lengths).any():
+            i = _first(wlen != lengths)
+            raise fail(path, wcol, base + i, f"{wlen[i]} weight(s) for {lengths[i]} id(s) in '{f}': "
+                                             "a weights list has one weight per id")
+        w = wvalues.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)  # type: ignore[attr-defined]
+        bad = ~np.isfinite(w)
+        if bad.any():
+            k = _first(bad)
+            raise fail(path, wcol, base + _row_of(lengths, k), f"expected finite weights, got {fmt(w[k])}")
+        weights = w.astype(np.float32)
+    return ListChunk(lengths, ids, weights)
+
+
+def _refuse_lists(path: Path, table: object, schema: Schema) -> None:
+    """A list in a column the schema reads as single-valued: the first such row is the error."""
+    import pyarrow.compute as pc
+
+    for col in schema.columns:
+        if col in _list_columns(schema):
+            continue
+        a = table.column(col)  # type: ignore[attr-defined]
+        if not _is_list(a.type):
+            continue
+        lengths = pc.fill_null(pc.list_value_length(a), 0).to_numpy().astype(np.int64)
+        i = _first_valid(a.combine_chunks()) if a.null_count < len(a) else 0
+        if lengths[i] == 0:
+            raise fail(path, col, i, "an empty list where a value is required (a single-valued column; "
+                                     "a list field is named under 'lists' in schema.json)")
+        raise fail(path, col, i, f"expected one value, got a list of {lengths[i]} (a list field is named under "
+                                 "'lists' in schema.json)")
+
+
 # --- reading a source file in chunks ------------------------------------------------------------------
 
+Chunk = tuple[pd.DataFrame, dict[str, object]]  # the single-valued columns, and the list columns (pyarrow arrays)
 
-def _chunks(path: Path, schema: Schema, rows: int | None) -> Iterator[pd.DataFrame]:
+
+def _chunks(path: Path, schema: Schema, rows: int | None) -> Iterator[Chunk]:
     """The schema's columns of `path`, CHUNK_ROWS rows at a time, at most `rows` rows (CSV cells kept verbatim)."""
     needed = list(schema.columns)
     header = read_header(path)  # checked names: no duplicates, no padding, no other delimiter (catalog.py)
     check_columns(path, header, needed, schema)
+    listed = _list_columns(schema)
+    flat = [c for c in needed if c not in listed]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
         left = rows
+        base = 0
         for group in range(pf.num_row_groups):  # one row group in memory at a time (no read-ahead)
             try:
                 table = pf.read_row_group(group, columns=needed, use_threads=False)
@@ -325,11 +457,18 @@ def _chunks(path: Path, schema: Schema, rows: int | None) -> Iterator[pd.DataFra
                 batch = table.slice(start, CHUNK_ROWS if left is None else min(CHUNK_ROWS, left))
                 if left is not None:
                     left -= batch.num_rows
-                yield batch.to_pandas()
+                if base == 0:
+                    _refuse_lists(path, batch, schema)
+                yield (batch.select(flat).to_pandas(),
+                       {c: batch.column(c).combine_chunks() for c in needed if c in listed})
+                base += batch.num_rows
                 if left is not None and left <= 0:
                     return
             del table
         return
+    if schema.lists:
+        raise DataError(f"{path}: list field(s) {', '.join(map(repr, schema.lists))} need a Parquet file: CSV has no "
+                        "list type (write list<int> ids and list<float> weights to Parquet; Note [List columns])")
     # Every column is read (usecols would drop a row's extra fields silently); pandas then refuses a row with
     # more fields than the header, and warns (made an error here) when it is the first one.
     try:
@@ -340,7 +479,7 @@ def _chunks(path: Path, schema: Schema, rows: int | None) -> Iterator[pd.DataFra
                                  na_values=[], low_memory=False)
             with reader:
                 for df in reader:
-                    yield df[needed]
+                    yield df[needed], {}
     except pd.errors.ParserWarning:
         raise DataError(f"{path}: row 1: more fields than the header's {len(header)} "
                         "(an unquoted comma inside a value?)") from None
@@ -369,20 +508,32 @@ def _key(path: Path, schema: Schema, rows: int | None) -> dict[str, object]:
     st = path.stat()
     return {"format": FORMAT, "source": {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
             "rows": rows, "labels": list(schema.labels), "sparse": list(schema.sparse), "dense": list(schema.dense),
-            "user_id": schema.user_id, **({"hashed": dict(schema.hashed)} if schema.hashed else {})}
+            "user_id": schema.user_id, "lists": list(schema.lists), "list_weights": dict(schema.list_weights),
+            **({"hashed": dict(schema.hashed)} if schema.hashed else {})}
 
 
 def _file_name(role: Role, j: int) -> str:
     return f"{role.value}{j:03d}.npy"
 
 
-def _scan(path: Path, schema: Schema, rows: int | None) -> tuple[int, dict[tuple[Role, str], np.dtype], dict[str, int]]:
+@dataclass
+class _Scan:
+    """What pass 1 learnt: rows, each file's dtype and length, each sparse and list field's largest id."""
+
+    n: int
+    dtypes: dict[tuple[Role, str], np.dtype]
+    sizes: dict[tuple[Role, str], int]
+    max_ids: dict[str, int]
+
+
+def _scan(path: Path, schema: Schema, rows: int | None) -> _Scan:
     """Pass 1: check every value; the row count, each column's stored dtype and each sparse field's largest id."""
     n = 0
     lo: dict[tuple[Role, str], int] = {}
     hi: dict[tuple[Role, str], int] = {}
+    n_ids = {f: 0 for f in schema.lists}
     binary: dict[str, bool] = {c: True for c in schema.labels}
-    for df in _chunks(path, schema, rows):
+    for df, raw in _chunks(path, schema, rows):
         for key, a in _chunk_arrays(df, path, schema, n).items():
             role, col = key
             if role is Role.label:
@@ -390,10 +541,16 @@ def _scan(path: Path, schema: Schema, rows: int | None) -> tuple[int, dict[tuple
             elif role in (Role.sparse, Role.group) and len(a):
                 lo[key] = min(lo.get(key, 0), int(a.min()))
                 hi[key] = max(hi.get(key, 0), int(a.max()))
+        for f in schema.lists:
+            lc = _check_list(path, schema, f, raw, n)
+            n_ids[f] += len(lc.ids)
+            if len(lc.ids):
+                hi[Role.list_ids, f] = max(hi.get((Role.list_ids, f), 0), int(lc.ids.max()))
         n += len(df)
     if n == 0:
         raise DataError(f"{path}: no data rows")
     dtypes: dict[tuple[Role, str], np.dtype] = {}
+    sizes: dict[tuple[Role, str], int] = {}
     for col in schema.labels:
         dtypes[Role.label, col] = np.dtype(np.uint8 if binary[col] else np.float32)
     for col in schema.sparse:
@@ -403,7 +560,16 @@ def _scan(path: Path, schema: Schema, rows: int | None) -> tuple[int, dict[tuple
     if schema.user_id is not None and schema.user_id not in schema.sparse:
         key = (Role.group, schema.user_id)
         dtypes[key] = narrow_id_dtype(lo.get(key, 0), hi.get(key, 0))
-    return n, dtypes, {col: hi.get((Role.sparse, col), 0) for col in schema.sparse}
+    for f in schema.lists:
+        dtypes[Role.list_ids, f] = narrow_id_dtype(0, hi.get((Role.list_ids, f), 0))
+        dtypes[Role.list_offsets, f] = np.dtype(np.int64)
+        sizes[Role.list_ids, f], sizes[Role.list_offsets, f] = n_ids[f], n + 1
+        if f in schema.list_weights:
+            dtypes[Role.list_weights, f] = np.dtype(np.float32)
+            sizes[Role.list_weights, f] = n_ids[f]
+    max_ids = {col: hi.get((Role.sparse, col), 0) for col in schema.sparse}
+    max_ids.update({f: hi.get((Role.list_ids, f), 0) for f in schema.lists})
+    return _Scan(n, dtypes, sizes, max_ids)
 
 
 def npy_writer(stack: contextlib.ExitStack, path: Path, dtype: np.dtype, n: int) -> BinaryIO:
@@ -416,17 +582,30 @@ def npy_writer(stack: contextlib.ExitStack, path: Path, dtype: np.dtype, n: int)
 
 def _build(path: Path, schema: Schema, rows: int | None, work: Path) -> None:
     """Convert `path` into the folder `work` (both passes, then the manifest)."""
-    n, dtypes, max_ids = _scan(path, schema, rows)
+    scan = _scan(path, schema, rows)
+    n, dtypes = scan.n, scan.dtypes
     names = {key: _file_name(key[0], j) for j, key in enumerate(dtypes)}
     with contextlib.ExitStack() as stack:
-        files = {key: npy_writer(stack, work / names[key], dtype, n) for key, dtype in dtypes.items()}
+        files = {key: npy_writer(stack, work / names[key], dtype, scan.sizes.get(key, n))
+                 for key, dtype in dtypes.items()}
+        for f in schema.lists:
+            files[Role.list_offsets, f].write(np.zeros(1, dtype=np.int64).tobytes())
+        at = {f: 0 for f in schema.lists}  # ids written per list field
         written = 0
-        for df in _chunks(path, schema, rows):
+        for df, raw in _chunks(path, schema, rows):
             for key, a in _chunk_arrays(df, path, schema, written).items():
                 files[key].write(np.ascontiguousarray(a.astype(dtypes[key])).tobytes())
+            for f in schema.lists:
+                lc = _check_list(path, schema, f, raw, written)
+                files[Role.list_ids, f].write(lc.ids.astype(dtypes[Role.list_ids, f]).tobytes())
+                files[Role.list_offsets, f].write((at[f] + np.cumsum(lc.lengths)).astype(np.int64).tobytes())
+                if lc.weights is not None:
+                    files[Role.list_weights, f].write(lc.weights.tobytes())
+                at[f] += len(lc.ids)
             written += len(df)
         assert written == n, (path, written, n)
-    manifest = {**_key(path, schema, rows), "n": n, "max_ids": max_ids,
+        assert all(at[f] == scan.sizes[Role.list_ids, f] for f in schema.lists), (path, at)
+    manifest = {**_key(path, schema, rows), "n": n, "max_ids": scan.max_ids,
                 "files": [[key[0].value, key[1], names[key]] for key in dtypes]}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
@@ -504,6 +683,8 @@ def open_store(path: Path, schema: Schema, rows: int | None, root: Path | None =
     groups = None
     if schema.user_id is not None:
         groups = cols[Role.sparse].get(schema.user_id) or cols[Role.group][schema.user_id]
+    lists = {f: ListColumn(ids, cols[Role.list_offsets][f], cols[Role.list_weights].get(f))
+             for f, ids in cols[Role.list_ids].items()}
     return Stored(source=path, n=int(manifest["n"]),  # type: ignore[arg-type]
                   labels=cols[Role.label], sparse=cols[Role.sparse], dense=cols[Role.dense], groups=groups,
-                  max_ids=dict(manifest["max_ids"]))  # type: ignore[arg-type]
+                  max_ids=dict(manifest["max_ids"]), lists=lists)  # type: ignore[arg-type]

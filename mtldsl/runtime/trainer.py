@@ -129,7 +129,7 @@ def predict(run_dir: str | Path, out_file: str | Path, data: str | None = None, 
     cut = loaded.prepared.splits[split]
     raw = loaded.prepared.dataset.split(split)
     schema = loaded.prepared.dataset.schema
-    raw_labels = replace(raw, sparse_cols={}, dense_cols={}, products=None, truth_cols=None)
+    raw_labels = replace(raw, sparse_cols={}, dense_cols={}, list_cols={}, products=None, truth_cols=None)
     size = min(batch_size or loaded.config.batch_size, EVAL_BATCH)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", dir=out_file.parent)

@@ -1,0 +1,153 @@
+"""`mtldsl data prepare ali_ccp` keeps whole behaviour lists by default (Note [Ali-CCP lists], Note [Ali-CCP raw
+format]): checked against a naive per-line reading of the raw files, and against the --last-entry output."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_prepare import BEHAVIOUR, write_raw
+from typer.testing import CliRunner
+
+from mtldsl.catalog import ALI_CCP_LISTS, KNOWN_DATASETS, schema_for
+from mtldsl.runtime import prepare as P
+from mtldsl.runtime.data import load_dataset
+
+MIN_COUNT = 3
+
+
+def _entries(text: str) -> list[tuple[str, str, str]]:
+    parts = re.split("[\x01\x02\x03]", text) if text else []
+    return [tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)]  # type: ignore[misc]
+
+
+def _naive_lists(raw: Path) -> dict[str, list[dict[str, list[tuple[str, str]]]]]:
+    """Per split, per written row in file order: each behaviour field's (raw id, value) entries."""
+    out: dict[str, list[dict[str, list[tuple[str, str]]]]] = {"train": [], "val": [], "test": []}
+    for split in ("train", "test"):
+        common = {}
+        for line in (raw / f"common_features_{split}.csv").read_text().splitlines():
+            idx, _, feats = line.split(",", 2)
+            common[idx] = _entries(feats)
+        for line in (raw / f"sample_skeleton_{split}.csv").read_text().splitlines():
+            sid, click, purchase, idx, _, feats = line.split(",", 5)
+            if (click, purchase) == ("0", "1"):
+                continue
+            row = {}
+            for f in BEHAVIOUR:
+                shared = [(fid, v) for ff, fid, v in common.get(idx, []) if ff == f]
+                row[f] = shared or [(fid, v) for ff, fid, v in _entries(feats) if ff == f]
+            target = "test" if split == "test" else ("val" if P._is_val(sid, P.DEFAULT_VAL_SHARE) else "train")
+            out[target].append(row)
+    return out
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw")
+    write_raw(raw)
+    path = raw / "sample_skeleton_test.csv"  # the test row without common features brings its own 109_14 list
+    lines = path.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if ",deadbeef," in line)
+    lines[at] = lines[at].rstrip("\n") + "\x01109_14\x0277771\x030.5\x01109_14\x0277772\x032\n"
+    path.write_text("".join(lines))
+    root = tmp_path_factory.mktemp("data")
+    kw = dict(min_count=MIN_COUNT, row_group_size=16, block_size=4096)
+    full = P.prepare_ali_ccp(raw, root / "ali_ccp", **kw)
+    last = P.prepare_ali_ccp(raw, root / "last", last_entry=True, **kw)
+    return raw, full, last
+
+
+def test_whole_lists_match_the_naive_reading(both) -> None:
+    raw, full, _ = both
+    naive = _naive_lists(raw)
+    counts = {f: Counter(fid for row in naive["train"] for fid, _ in row[f]) for f in BEHAVIOUR}  # every entry counts
+    vocab = {f: {fid: i for i, (_, fid) in enumerate(sorted(((-c, fid) for fid, c in counts[f].items() if c >= MIN_COUNT)), 1)}
+             for f in BEHAVIOUR}
+    assert {f: full.vocab_sizes[f] for f in BEHAVIOUR} == {f: len(vocab[f]) + 1 for f in BEHAVIOUR}
+    for split in ("train", "val", "test"):
+        got = pq.read_table(full.out / f"{split}.parquet").to_pylist()
+        assert len(got) == len(naive[split]) == full.rows[split]
+        for g, row in zip(got, naive[split]):
+            for f in BEHAVIOUR:
+                assert g[f] == [vocab[f].get(fid, 0) for fid, _ in row[f]]
+                assert g[f"{f}_w"] == [float(np.float32(float(v))) for _, v in row[f]]
+    test = pq.read_table(full.out / "test.parquet").to_pylist()
+    own = [r for r in test if r["101"] == 0]  # no common line: its own entries, ids unseen in train -> 0
+    assert len(own) == 1 and own[0]["109_14"] == [0, 0] and own[0]["109_14_w"] == [0.5, 2.0]
+    assert own[0]["110_14"] == [] and own[0]["110_14_w"] == []
+    assert all(len(r["109_14"]) == 3 for r in test if r["101"] != 0)  # every entry of the common line, not the last
+
+
+def test_every_other_column_is_the_last_entry_output(both) -> None:
+    _, full, last = both
+    assert full.rows == last.rows
+    for split in ("train", "val", "test"):
+        a = pq.read_table(full.out / f"{split}.parquet")
+        b = pq.read_table(last.out / f"{split}.parquet")
+        same = [c for c in b.column_names if c not in BEHAVIOUR]
+        assert a.select(same).equals(b.select(same)), split
+        assert [pq.read_table(last.out / f"{split}.parquet").schema.field(f).type for f in BEHAVIOUR] == ["int32"] * 4
+    assert {f: last.vocab_sizes[f] for f in last.vocab_sizes if f not in BEHAVIOUR} == \
+        {f: full.vocab_sizes[f] for f in full.vocab_sizes if f not in BEHAVIOUR}
+
+
+def test_the_named_dataset_takes_the_schema_its_folder_was_prepared_with(both, monkeypatch, tmp_path) -> None:
+    _, full, last = both
+    monkeypatch.delenv("MTLDSL_DATA", raising=False)
+    assert schema_for("ali_ccp").lists == ()  # no folder: the single-valued schema, no files read
+    schema = schema_for("ali_ccp", full.out.parent)
+    assert schema == ALI_CCP_LISTS and "109_14" not in schema.sparse
+    assert schema.list_weights["127_14"] == "127_14_w"
+    ds = load_dataset("ali_ccp", data_dir=full.out.parent)
+    assert ds.schema.lists == BEHAVIOUR and len(ds.test) == full.rows["test"]
+    assert ds.schema.vocab_sizes["150_14"] == full.vocab_sizes["150_14"]
+    offsets, ids, weights = ds.train.bags("109_14")
+    assert len(offsets) == full.rows["train"] + 1 and weights is not None and len(weights) == len(ids)
+    folder = tmp_path / "root" / "ali_ccp"  # a folder prepared with --last-entry: the single-valued schema
+    folder.mkdir(parents=True)
+    for name in ("train.parquet", "val.parquet", "test.parquet", "schema.json"):
+        (folder / name).write_bytes((last.out / name).read_bytes())
+    assert schema_for("ali_ccp", folder.parent) == KNOWN_DATASETS["ali_ccp"].schema
+    assert load_dataset("ali_ccp", data_dir=folder.parent).schema.sparse == KNOWN_DATASETS["ali_ccp"].schema.sparse
+
+
+def test_a_shipped_spec_on_whole_lists_says_which_lists_it_does_not_read(both, monkeypatch) -> None:
+    """Note [Ali-CCP lists]: `fields all` leaves the list fields out, and training says so and how to read them."""
+    from mtldsl.runtime.binding import prepare
+    import torch
+
+    _, full, _ = both
+    spec = Path(__file__).resolve().parents[1] / "specs" / "esmm.mtl"
+    prepared = prepare(spec.read_text(), str(spec), data="ali_ccp", data_dir=str(full.out.parent), rows=None,
+                       data_seed=0, device=torch.device("cpu"))
+    assert not getattr(prepared.cls, "LIST_FIELDS", ())
+    note = prepared.dataset.notes[-1]
+    assert note.startswith("data: the model reads none of the list field(s) 109_14, 110_14, 127_14, 150_14")
+    assert "fields lists  pool sum" in note and "--last-entry" in note
+
+
+def test_cli_prepare_last_entry_flag(tmp_path) -> None:
+    from mtldsl.cli import app
+
+    raw = tmp_path / "raw"
+    write_raw(raw, n_train=60, n_test=30)
+    for flag, kind in (([], "list<element: int32>"), (["--last-entry"], "int32")):
+        out = tmp_path / f"out{len(flag)}"
+        r = CliRunner().invoke(app, ["data", "prepare", "ali_ccp", "--raw", str(raw), "--out", str(out),
+                                     "--min-count", "1", "--no-progress", *flag])
+        assert r.exit_code == 0, r.output
+        assert str(pq.read_schema(out / "train.parquet").field("109_14").type) == kind
+
+
+def test_workers_and_blocks_do_not_change_the_lists(both, tmp_path) -> None:
+    raw, full, _ = both
+    for workers, block in ((1, 1 << 20), (3, 300)):
+        again = P.prepare_ali_ccp(raw, tmp_path / f"w{workers}", min_count=MIN_COUNT, row_group_size=16,
+                                  block_size=block, workers=workers)
+        for name in ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "schema.json"):
+            assert (again.out / name).read_bytes() == (full.out / name).read_bytes(), (workers, name)
