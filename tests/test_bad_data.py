@@ -87,6 +87,12 @@ def _non_utf8(d: Path) -> None:
     (d / "train.csv").write_bytes((d / "train.csv").read_bytes().replace(b"\n3,", b"\n\xff3,", 1))
 
 
+def _non_utf8_beyond_the_sample(d: Path) -> None:  # with schema.json: found by the full conversion
+    _non_utf8(d)
+    (d / "schema.json").write_text(json.dumps({"labels": ["click", "purchase"], "sparse": ["user_id", "item_id"],
+                                               "dense": ["price"], "user_id": "user_id"}))
+
+
 def _truncated_parquet(d: Path) -> None:
     (d / "train.csv").unlink()
     pq.write_table(pa.table({c: [1, 2, 3] for c in HEADER}), d / "train.parquet")
@@ -169,6 +175,7 @@ def _huge_vocabulary(d: Path) -> None:
 
 CASES = {
     "non-utf8": (_non_utf8, ["train.csv: row ", "not UTF-8 text (byte 0xff)"]),
+    "non-utf8-schema-json": (_non_utf8_beyond_the_sample, ["train.csv: row ", "not UTF-8 text (byte 0xff)"]),
     "truncated-parquet": (_truncated_parquet, ["train.parquet: not a readable Parquet file"]),
     "long-cell": (_long_cell, ["train.csv: column 'price', row 5: expected a number, got 'xxx"]),
     "extra-field": (_extra_field, ["train.csv: row 4: 6 fields, the header has 5"]),

@@ -31,7 +31,7 @@ import pandas as pd
 from pandas.api import types as ptypes
 
 from mtldsl.catalog import DataError, Schema
-from mtldsl.datafiles import open_csv, read_header
+from mtldsl.datafiles import open_csv, read_header, unreadable
 
 __all__ = ["CACHE_DIR", "CACHE_ENV", "CHUNK_ROWS", "FORMAT", "ColumnFile", "ListColumn", "Role", "Stored", "cache_root",
            "narrow_id_dtype", "npy_writer", "open_columns", "open_store", "publish", "user_cache"]
@@ -494,10 +494,8 @@ def _parse_error(path: Path, e: BaseException) -> DataError:
     if m:
         return DataError(f"{path}: row {int(m[2]) - 1}: {m[3]} fields, the header has {m[1]} "
                          "(an unquoted comma inside a value?)")
-    if isinstance(e, UnicodeDecodeError):
-        return DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8")
-    if isinstance(e, OSError) and not isinstance(e, EOFError):
-        return DataError(f"{path}: cannot read: {e.strerror or e}")
+    if isinstance(e, (UnicodeDecodeError, OSError)):  # the row of the bad bytes, as the header read says it
+        return unreadable(path, e, 0)
     return DataError(f"{path}: cannot parse: {text}")
 
 
