@@ -2,19 +2,20 @@
 
 Used by `mtldsl check/compile` to resolve `fields all` / `fields user` at compile time, so it imports
 neither torch nor pandas: named datasets have fixed schemas written here, folders are read with the
-stdlib `csv`/`json` modules (a Parquet folder without `schema.json` loads pyarrow lazily). This module
-never writes: runtime/data.py saves an inferred schema as `schema.json` beside the data.
+stdlib `csv`/`json` modules through datafiles.py (a Parquet folder without `schema.json` loads pyarrow lazily). This module
+never writes, and nothing writes an inferred schema into a data folder (Note [The user's folder]).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from .datafiles import DataError, is_data_file, read_sample, unreadable
 
 __all__ = [
     "ALI_CCP_LISTS",
@@ -23,6 +24,7 @@ __all__ = [
     "DatasetNotFound",
     "KNOWN_DATASETS",
     "KNOWN_LABELS",
+    "MAX_VOCAB",
     "SPLITS",
     "SYNTHETIC_VOCAB",
     "Schema",
@@ -42,20 +44,17 @@ __all__ = [
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
-DATA_SUFFIXES = (".parquet", ".csv")
+DATA_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 # Column names taken as labels when a folder's schema is inferred and no labels are given.
 KNOWN_LABELS = ("click", "purchase", "conversion", "income", "marital status", "label", "ctr", "cvr")
 # Column names taken as the gAUC group id when a folder's schema is inferred.
 KNOWN_GROUP_IDS = ("user_id", "userid", "uid", "search_id", "session_id")
 INFER_ROWS = 5000
+MAX_VOCAB = 1 << 27  # rows of one field's embedding table (Note [Vocabulary bound] in runtime/datacheck.py)
 SCHEMA_FILE = "schema.json"
 _INT = re.compile(r"[+-]?\d+")
 _SPECIAL_GROUPS = ("all", "sparse", "dense", "none")
 LISTS_GROUP = "lists"  # every list field (Note [List fields] in runtime/layers.py); named only when the data has some
-
-
-class DataError(ValueError):
-    """Bad data or schema; the message names the file, column and (1-based data) row."""
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -83,6 +82,7 @@ class Schema:
     vocab_sizes: Mapping[str, int] | None = None  # max id + 1 per sparse and list field; known after loading data
     lists: tuple[str, ...] = ()  # list-valued id columns (a list of ids per row), apart from the single-valued sparse
     list_weights: Mapping[str, str] = field(default_factory=dict)  # list field -> its weights column (weighted lists)
+    hashed: Mapping[str, int] = field(default_factory=dict)  # field -> buckets, ids modulo (Note [Vocabulary bound])
 
     def __post_init__(self) -> None:
         if "all" not in self.groups:
@@ -352,7 +352,10 @@ def data_roots(data_dir: str | Path | None = None) -> list[Path]:
 
 
 def find_split_files(folder: Path, prefix: str | None = None) -> dict[str, Path]:
-    """The data file of each split present in `folder` (train.csv / train.parquet / <prefix>_train_sample.csv …)."""
+    """The data file of each split present in `folder` (train.csv / train.parquet / <prefix>_train_sample.csv …).
+
+    Two files for one split (train.csv beside train.parquet) are refused, naming both: one would win silently.
+    """
     folder = Path(folder)
     found: dict[str, Path] = {}
     for split, aliases in SPLIT_ALIASES.items():
@@ -363,23 +366,22 @@ def find_split_files(folder: Path, prefix: str | None = None) -> dict[str, Path]
                 if prefix:
                     candidates.append(folder / f"{prefix}_{alias}_sample{suffix}")
                     candidates.append(folder / f"{prefix}_{alias}{suffix}")
-        hit = next((c for c in candidates if c.is_file()), None)
-        if hit is None:  # any single <something>_<split>[_sample].<suffix>
-            globbed = sorted(
+        hits = list(dict.fromkeys(c for c in candidates if is_data_file(c)))
+        if not hits:  # any single <something>_<split>[_sample].<suffix>
+            hits = sorted(
                 p
                 for alias in aliases
                 for suffix in DATA_SUFFIXES
                 for pattern in (f"*_{alias}{suffix}", f"*_{alias}_sample{suffix}")
                 for p in folder.glob(pattern)
-                if p.is_file()
+                if is_data_file(p)
             )
-            if len(globbed) == 1:
-                hit = globbed[0]
-            elif len(globbed) > 1:
-                names = ", ".join(p.name for p in globbed)
-                raise DataError(f"{folder}: several {split} files ({names}); keep one or name it {split}.csv")
-        if hit is not None:
-            found[split] = hit
+        if len(hits) > 1:
+            names = ", ".join(sorted(p.name for p in hits))
+            raise DataError(f"{folder}: several {split} files ({names}): keep one of them, as it is not clear "
+                            "which one to read")
+        if hits:
+            found[split] = hits[0]
     return found
 
 
@@ -426,6 +428,8 @@ def schema_to_json(schema: Schema, *, with_vocab: bool = False) -> str:
         data["lists"] = list(schema.lists)
     if schema.list_weights:
         data["list_weights"] = dict(schema.list_weights)
+    if schema.hashed:
+        data["hash_ids"] = dict(schema.hashed)
     if with_vocab and schema.vocab_sizes is not None:
         data["vocab_sizes"] = dict(schema.vocab_sizes)
     return json.dumps(data, indent=2) + "\n"
@@ -438,7 +442,7 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object")
-    known = {"name", "labels", "sparse", "dense", "groups", "user_id", "vocab_sizes", "lists", "list_weights"}
+    known = {"name", "labels", "sparse", "dense", "groups", "user_id", "vocab_sizes", "lists", "list_weights", "hash_ids"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise DataError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
@@ -455,6 +459,11 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         both = [f for f in lists if f in names(other)]
         if both:
             raise DataError(f"{path}: {', '.join(map(repr, both))} in both 'lists' and '{other}': a field is one or the other")
+    for other in ("sparse", "dense"):
+        both = [f for f in names(other) if f in names("labels")]
+        if both:
+            raise DataError(f"{path}: {', '.join(map(repr, both))} in both 'labels' and '{other}': a label is never "
+                            "a feature (it would leak into the inputs)")
     taken = {*sparse, *lists, *names("dense"), *names("labels")}
     list_weights = _list_weights(data.get("list_weights", {}), lists, taken, path)
     groups_raw = data.get("groups", {})
@@ -481,6 +490,13 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         missing = [f for f in (*sparse, *lists) if f not in vocab]
         if missing:
             raise DataError(f"{path}: 'vocab_sizes' lacks {', '.join(map(repr, missing))}")
+    hashed = data.get("hash_ids", {})
+    if not isinstance(hashed, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_VOCAB
+                                               for v in hashed.values()):
+        raise DataError(f"{path}: 'hash_ids' must map sparse fields to bucket counts from 1 to {MAX_VOCAB}")
+    unhashable = [f for f in hashed if f not in sparse]
+    if unhashable:
+        raise DataError(f"{path}: 'hash_ids' names {', '.join(map(repr, unhashable))}, not in 'sparse'")
     name = data.get("name", default_name)
     labels = names("labels")
     if not labels:
@@ -495,6 +511,7 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         vocab_sizes=dict(vocab) if vocab is not None else None,
         lists=lists,
         list_weights=list_weights,
+        hashed=dict(hashed),
     )
 
 
@@ -518,87 +535,72 @@ def _list_weights(value: object, lists: tuple[str, ...], taken: set[str], path: 
 # --- inference ------------------------------------------------------------------------------------
 
 
-def _cell(v: object) -> str:
-    """A Parquet value as CSV would show it."""
-    return "" if v is None else repr(v) if isinstance(v, float) else str(v)
-
-
-def _read_sample(path: Path, n: int) -> tuple[list[str], list[list[str]]]:
-    """Header and up to n rows of a data file, as strings."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # lazy: only folders of Parquet without schema.json need it
-
-        pf = pq.ParquetFile(path)
-        header = list(pf.schema_arrow.names)
-        rows: list[list[str]] = []
-        for batch in pf.iter_batches(batch_size=n):
-            cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-            rows.extend([_cell(v) for v in r] for r in zip(*cols))
-            break
-        return header, rows[:n]
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: empty file")
-        rows = []
-        for row in reader:
-            if len(rows) >= n:
-                break
-            rows.append(row)
-    return header, rows
-
-
 def _column_kind(values: list[str]) -> str:
-    """'int' when every sampled value is an integer literal, 'float' when every value is a number, else 'other'."""
-    kind = "int"
+    """'float' when some sampled value is a number that is not an integer literal, else 'int' when some value is an
+    integer, else 'other'. Cells that are not numbers do not decide the kind (a stray 'n/a' in a price column
+    keeps it dense), so the loader names them as what the column holds: a bad number, a bad id."""
+    kind = "other"
     for v in values:
         v = v.strip()
         if _INT.fullmatch(v):
+            kind = "int" if kind == "other" else kind
             continue
         try:
             float(v)
         except ValueError:
-            return "other"
+            continue
         kind = "float"
     return kind
 
 
-def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, rows: int = INFER_ROWS) -> Schema:
-    """A schema from the train file's header and first rows.
-
-    A header equal to a named dataset's columns gets that dataset's schema. Otherwise labels are `labels`
-    or the known label names present; integer-valued columns are sparse, other numeric columns dense;
-    a column named like user_id/search_id is the gAUC id (and stays a feature).
-    """
-    folder = Path(folder)
-    files = find_split_files(folder)
-    if "train" not in files:
-        raise DatasetNotFound(f"{folder}: no train file (train.csv, train.parquet or *_train_sample.csv)")
-    path = files["train"]
-    header, sample = _read_sample(path, rows)
-    if not header:
-        raise DataError(f"{path}: empty file")
-    if labels is None:
-        for info in KNOWN_DATASETS.values():
-            if info.name != "synthetic" and set(header) == set(info.schema.columns):
-                return info.schema
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise DataError(f"{path}: duplicate column(s) {', '.join(map(repr, dupes))}")
+def _label_columns(path: Path, header: list[str], labels: Sequence[str] | None, spec_labels: Sequence[str]) -> tuple[str, ...]:
+    """Which header columns are labels: `labels` when given, else the spec's label columns and the known label
+    names (Note [Inferred labels])."""
     if labels is not None:
         missing = [c for c in labels if c not in header]
         if missing:
             raise DataError(f"{path}: label column(s) {', '.join(map(repr, missing))} not in the header")
-        label_cols = tuple(labels)
-    else:
-        label_cols = tuple(c for c in header if c.lower() in KNOWN_LABELS)
-        if not label_cols:
-            raise DataError(
-                f"{path}: no label column found (looked for {', '.join(KNOWN_LABELS)}); "
-                f"name them with --labels or in {folder / SCHEMA_FILE}"
-            )
-    user_id = next((c for c in header if c.lower() in KNOWN_GROUP_IDS), None)
+        return tuple(labels)
+    found = tuple(c for c in header if c in spec_labels or c.lower() in KNOWN_LABELS)
+    if not found and not spec_labels:  # with a spec, its checker positions each label the header lacks
+        raise DataError(
+            f"{path}: no label column found (looked for {', '.join(KNOWN_LABELS)}); name the label columns in the "
+            f"spec (`task <name> binary label <column>`) or in {path.parent / SCHEMA_FILE} (\"labels\")"
+        )
+    return found
+
+
+# Note [Inferred labels]
+# A folder without schema.json gets its schema from the train file's header and first INFER_ROWS rows.
+# Its labels are every column the spec names in a label or `where` expression (tasks, outputs, losses,
+# label products included), plus every column with a known label name (click, purchase, label, ...):
+# such a column is never made a feature, even when the spec does not use it, so a label cannot leak into
+# the inputs by being unused. A label the spec names but the header lacks is left to the spec's checker,
+# which positions it in the spec. With schema.json the file decides, and a column the spec names as a label that
+# schema.json lists as a feature is an error, never a silent override (schema_for).
+
+
+def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, rows: int = INFER_ROWS,
+                 spec_labels: Sequence[str] = ()) -> Schema:
+    """A schema from the train file's header and first rows.
+
+    A header equal to a named dataset's columns gets that dataset's schema. Otherwise labels are `labels`,
+    or the spec's label columns and the known label names present (Note [Inferred labels]); integer-valued
+    columns are sparse, other numeric columns dense; a column named like user_id/search_id is the gAUC id
+    (and stays a feature).
+    """
+    folder = Path(folder)
+    files = find_split_files(folder)
+    if "train" not in files:
+        raise DatasetNotFound(f"{folder}: no train file (train.csv, train.parquet, train.csv.gz or *_train_sample.csv)")
+    path = files["train"]
+    header, sample = read_sample(path, rows)
+    if labels is None:
+        for info in KNOWN_DATASETS.values():
+            if info.name != "synthetic" and set(header) == set(info.schema.columns):
+                return info.schema
+    label_cols = _label_columns(path, header, labels, spec_labels)
+    user_id = next((c for c in header if c.lower() in KNOWN_GROUP_IDS and c not in label_cols), None)
     lists, list_weights = _parquet_lists(path) if path.suffix == ".parquet" else ((), {})
     listed = {*lists, *list_weights.values()}
     sparse: list[str] = []
@@ -607,9 +609,8 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
         if col in label_cols or col in listed:
             continue
         values = [r[j] for r in sample if j < len(r)]
-        kind = _column_kind(values) if values else "int"
-        # Non-numeric columns are listed as sparse so the loader names the first bad value.
-        (dense if kind == "float" else sparse).append(col)
+        # Columns without a number are listed as sparse so the loader names the first bad value.
+        (dense if _column_kind(values) == "float" else sparse).append(col)
     groups: dict[str, tuple[str, ...]] = {"all": tuple(sparse)}
     for side in ("user", "item"):
         members = tuple(c for c in sparse if c.lower().startswith(side))
@@ -684,23 +685,34 @@ def _named_schema(key: str, data_dir: str | Path | None) -> Schema:
     return ALI_CCP_LISTS if isinstance(declared, dict) and declared.get("lists") else schema
 
 
-def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Sequence[str] | None = None) -> Schema:
+def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Sequence[str] | None = None,
+               spec_labels: Sequence[str] = ()) -> Schema:
     """The schema of a named dataset (fixed, no files needed) or of a folder (schema.json, else inferred).
 
     A folder is `source` itself or, for a relative path, `<root>/<source>` under data_roots(data_dir).
+    `spec_labels`: the columns the spec names as labels (Note [Inferred labels]).
     """
     key = named(source)
     if key is not None:
         schema = _named_schema(key, data_dir)
         if labels is not None and tuple(labels) != schema.labels:
-            raise DataError(f"dataset '{key}' has fixed labels {', '.join(schema.labels)}; --labels applies to folders")
+            raise DataError(f"dataset '{key}' has fixed labels {', '.join(schema.labels)}; labels apply to folders")
         return schema
     path = locate(source, data_dir)
     schema_file = path / SCHEMA_FILE
-    if schema_file.is_file():
-        text = schema_file.read_text(encoding="utf-8")
+    if is_data_file(schema_file):
+        try:
+            text = schema_file.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise unreadable(schema_file, e, 0) from None
         schema = schema_from_json(text, path=schema_file, default_name=path.resolve().name)
         if labels is not None and tuple(labels) != schema.labels:
             raise DataError(f"{schema_file}: labels are {', '.join(schema.labels)}; edit the file to change them")
+        for c in spec_labels:
+            kind = next((k for k, cols in (("sparse", schema.sparse), ("dense", schema.dense), ("lists", schema.lists))
+                         if c in cols), None)
+            if kind is not None:
+                raise DataError(f"{schema_file}: column '{c}' is a label in the spec but listed in '{kind}' here; "
+                                f"move it to 'labels' (a label is never a feature)")
         return schema
-    return infer_schema(path, labels=labels)
+    return infer_schema(path, labels=labels, spec_labels=spec_labels)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mtldsl import catalog
-from mtldsl.catalog import schema_for
+from mtldsl.catalog import DataError, schema_for
 from mtldsl.runtime import data as data_mod
 from mtldsl.runtime import store
 from mtldsl.runtime.data import Split, epoch_chunks, load_dataset
@@ -95,9 +95,15 @@ def test_ids_take_the_narrowest_type(tmp_path: Path) -> None:
     for col in ("small", "mid", "big", "huge"):
         np.testing.assert_array_equal(np.asarray(st.sparse[col]), frame[col].to_numpy())
     np.testing.assert_array_equal(np.asarray(st.groups), frame["session"].to_numpy())
+    with pytest.raises(DataError, match=r"train\.csv: column 'big', row 3: id 2147483647 would make an embedding "
+                                        r"table of 2147483648 rows \(32\.0 GiB per 4 dimensions of float32\), over "
+                                        r"the limit of 134217728 rows; .* \"hash_ids\": \{\"big\": 1048576\}"):
+        load_dataset(str(tmp_path / "d"))  # Note [Vocabulary bound]
+    _toy(tmp_path / "d", frame, {**WIDE, "hash_ids": {"big": 1000, "huge": 2**27}})
     ds = load_dataset(str(tmp_path / "d"))
-    assert ds.schema.vocab_sizes == {"small": 256, "mid": 32768, "big": 2**31, "huge": 2**31 + 1}
-    assert ds.test.sparse.dtype == torch.int64 and ds.test.sparse[:, 2].tolist() == [0, 70_000, 2**31 - 1]
+    assert ds.schema.vocab_sizes == {"small": 256, "mid": 32768, "big": 648, "huge": 6}  # largest hashed id + 1
+    assert ds.test.sparse.dtype == torch.int64 and ds.test.sparse[:, 2].tolist() == [0, 70_000 % 1000, (2**31 - 1) % 1000]
+    assert ds.test.sparse[:, 3].tolist() == [0, 2**31 % 2**27, 5]
 
 
 GOOD = "uid,item,price,click\n1,2,0.5,0\n2,3,0.25,1\n3,4,1.0,0\n"
@@ -143,21 +149,22 @@ def test_an_interrupted_build_publishes_nothing(tmp_path: Path, monkeypatch: pyt
     assert open_store(folder / "train.csv", schema, None, cache).n == 3
 
 
-def test_the_store_lives_beside_writable_data_else_in_the_user_cache(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_store_lives_in_the_user_cache_unless_mtldsl_wrote_the_folder(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Note [The user's folder]: a writable folder of the user's gets nothing written into it
     monkeypatch.delenv(store.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     folder = _folder(tmp_path / "d")
-    load_dataset(str(folder))
-    assert (folder / store.CACHE_DIR / "train.csv.all" / "manifest.json").is_file()
-    other = _folder(tmp_path / "ro")
-    real_access = os.access
-    monkeypatch.setattr(store.os, "access", lambda p, mode: False if Path(p) == other else real_access(p, mode))
-    ds = load_dataset(str(other))
-    assert not (other / store.CACHE_DIR).exists()
+    before = sorted(p.name for p in folder.iterdir())
+    ds = load_dataset(str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == before
     [root] = (tmp_path / "xdg" / "mtldsl").iterdir()
-    assert root.name.startswith("ro-") and (root / "test.csv.all" / "manifest.json").is_file()
+    assert root.name.startswith("d-") and (root / "test.csv.all" / "manifest.json").is_file()
     assert ds.test.sparse.tolist() == [[1, 2], [2, 3], [3, 4]]
+    prepared = _folder(tmp_path / "p")
+    (prepared / store.PREPARED).write_text("{}")  # as `mtldsl data prepare` leaves it
+    load_dataset(str(prepared))
+    assert (prepared / store.CACHE_DIR / "train.csv.all" / "manifest.json").is_file()
 
 
 def test_bad_values_beyond_the_first_chunk_name_their_file_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

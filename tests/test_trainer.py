@@ -175,9 +175,10 @@ def test_resume_after_epoch_equals_uninterrupted(tmp_path: Path) -> None:
     assert len((resumed.run_dir / "history.csv").read_text().splitlines()) == 3
 
 
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = ROOT / "specs" / "esmm.mtl"
-    kw = dict(rows=2500, epochs=2, seed=5, batch_size=128, checkpoint_every=4)
+@pytest.mark.parametrize("rows", [2500, 2402])  # 2402: 1921 train rows, a one-row remainder (Note [Remainder batch])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    spec = ROOT / "specs" / "esmm.mtl"  # BatchNorm in the towers
+    kw = dict(rows=rows, epochs=2, seed=5, batch_size=128, checkpoint_every=4)
     full = _quick(spec, tmp_path / "a", **kw)
 
     class Killed(Exception):
@@ -187,7 +188,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, monkeypatch: pyte
 
     def save_then_die(self: trainer.Trainer, *, best: bool) -> None:
         original(self, best=best)
-        if self.state.epoch == 1 and self.state.batch_in_epoch == 8:  # mid epoch 2, after a mid-epoch save
+        if self.state.epoch == 1 and self.state.batch_in_epoch >= 8:  # mid epoch 2, after a mid-epoch save
             raise Killed
 
     monkeypatch.setattr(trainer.Trainer, "save", save_then_die)
@@ -195,12 +196,14 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, monkeypatch: pyte
         _quick(spec, tmp_path / "b", **kw)
     monkeypatch.setattr(trainer.Trainer, "save", original)
     ckpt = torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=True)
-    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 8)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 8 if rows == 2500 else 9)  # saves every 4 steps
     resumed = train(spec, out=tmp_path / "b" / "run", resume=True, progress=False)
     a, b = _params(full.run_dir / "last.pt"), _params(resumed.run_dir / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     last = torch.load(resumed.run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert last["step"] == torch.load(full.run_dir / "last.pt", map_location="cpu", weights_only=True)["step"]
+    if rows == 2402:
+        assert last["step"] == 2 * 15  # 15 batches of 128 per epoch; the 1921st row's batch of one is skipped
     assert full.history[-1]["train_loss_ctr"] == pytest.approx(resumed.history[-1]["train_loss_ctr"], rel=1e-9)
 
 
@@ -383,9 +386,12 @@ def test_format_table_aligns_columns() -> None:
                           "cvr@click": {"auc": 0.6, "logloss": 0.31, "n": 3.0}})
     lines = table.splitlines()
     assert lines[0].split() == ["output", "auc", "logloss", "gauc", "n"]
-    assert lines[1].split() == ["ctr", "0.7123", "0.2000", "nan", "10"]
+    assert lines[1].split() == ["ctr", "0.7123", "0.2000", "undefined", "10"]
     assert lines[2].split() == ["cvr@click", "0.6000", "0.3100", "-", "3"]
-    assert len({len(line) for line in lines}) == 1  # right-aligned numbers: same width on every line
+    assert len({len(line) for line in lines[:3]}) == 1  # right-aligned numbers: same width on every line
+    assert lines[3:] == ["undefined: no group with both classes in the test split (ctr.gauc)"]
+    one_class = format_table({"cvr": {"auc": math.nan, "logloss": 0.1, "n": 5.0}}, "val")
+    assert one_class.splitlines()[-1] == "undefined: one class in the val split (cvr.auc)"
 
 
 def test_runs_atomic_write_keeps_old_content_on_failure(tmp_path: Path) -> None:

@@ -28,16 +28,19 @@ def _report(checked: Checked, strict: bool) -> bool:
     return not checked.errors and not (strict and warnings)
 
 
-def _check(spec: Path, data_dir: Optional[str]) -> Checked | None:
+def _check(spec: Path, data_dir: Optional[str], data: Optional[str] = None) -> Checked | None:
     """The checked spec (a file, or a packaged spec by bare name); None, said on stderr, when there is none."""
     from ..pipeline import check_file
     from ..sources import SpecNotFound
 
     try:
-        return check_file(spec, data_dir=data_dir)
+        return check_file(spec, data_dir=data_dir, data=data)
     except SpecNotFound as e:
         typer.echo(e.render(), err=True)
         return None
+
+
+DATA_HELP = "Dataset name or folder to check the spec against (default: the spec's `data`), as `train --data`."
 
 
 @app.command()
@@ -45,11 +48,12 @@ def check(
     specs: list[Path] = typer.Argument(..., help="Spec files, or packaged specs by name (`mtldsl specs`)."),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where named datasets live."),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
 ) -> None:
     """Check specs: exit 0 when all are valid, 1 with positioned errors otherwise."""
     ok = True
     for spec in specs:
-        checked = _check(spec, data_dir)
+        checked = _check(spec, data_dir, data)
         if checked is None:
             ok = False
             continue
@@ -69,13 +73,14 @@ def compile_(
     out: Path = typer.Option(Path("generated"), "-o", "--out", help="Output folder."),
     check_only: bool = typer.Option(False, "--check", help="Write nothing; exit 1 when a file is stale."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
 ) -> None:
     """Compile specs to standalone PyTorch modules, `OUT/<model>.py`."""
     from ..codegen import render, write_if_changed
 
     ok = True
     for spec in specs:
-        checked = _check(spec, data_dir)
+        checked = _check(spec, data_dir, data)
         if checked is None or not _report(checked, strict=False):
             ok = False
             continue
@@ -98,11 +103,12 @@ def graph(
     spec: Path = typer.Argument(..., help="Spec file, or a packaged spec by name."),
     out: Path = typer.Option(..., "-o", "--out", help="Picture file: .svg, .png or .dot."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
 ) -> None:
     """Draw the architecture; stop-gradient edges are dashed."""
     from ..draw import draw
 
-    checked = _check(spec, data_dir)
+    checked = _check(spec, data_dir, data)
     if checked is None or not _report(checked, strict=False):
         raise typer.Exit(1)
     assert checked.graph is not None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..diagnostics import SpecError
-from ..pipeline import Checked, check_text
+from ..pipeline import Checked, check_text, spec_labels
 from .config import ConfigError
 from .objective import Objective
 
@@ -146,13 +146,13 @@ def check_spec(text: str, path: str, *, data: str | None, data_dir: str | None) 
             raise SpecError(first.diagnostics)
         assert first.model is not None
         data = first.model.data
-    schema = schema_for(data, data_dir)
+    schema = schema_for(data, data_dir, spec_labels=spec_labels(text, path))
     return _check_against(text, path, schema), data, schema
 
 
 def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, rows: int | None, data_seed: int,
             device: torch.device, source: str | None = None,
-            checked: tuple[Checked, str, Any] | None = None) -> Prepared:
+            checked: tuple[Checked, str, Any] | None = None, hash_ids: int | None = None) -> Prepared:
     """Check the spec against the dataset (check_spec), load the data, compile (or reuse `source`), cut the splits."""
     from .. import compile_spec, load_module
     from ..codegen import class_name
@@ -161,7 +161,8 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     spec, data, schema = checked or check_spec(text, path, data=data, data_dir=data_dir)
     assert spec.model is not None
     objective = Objective(spec.model)
-    dataset = load_dataset(data, data_dir=data_dir, rows=rows, seed=data_seed, binary_labels=objective.binary_columns)
+    dataset = load_dataset(data, data_dir=data_dir, rows=rows, seed=data_seed, binary_labels=objective.binary_columns,
+                           schema=schema, hash_ids=hash_ids)
     if not _same_fields(dataset.schema, schema):  # e.g. a folder whose schema was inferred differently on load
         spec = _check_against(text, path, dataset.schema)
         assert spec.model is not None

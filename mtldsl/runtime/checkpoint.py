@@ -148,7 +148,7 @@ def load_run(run_dir: str | Path, *, data: str | None = None, data_dir: str | No
         data, data_dir, rows = cfg.data, cfg.data_dir if data_dir is None else data_dir, cfg.rows if rows is None else rows
     spec = saved.run_dir / runs.SPEC
     prepared = prepare(spec.read_text(encoding="utf-8"), str(spec), data=data, data_dir=data_dir, rows=rows,
-                       data_seed=cfg.data_seed, device=dev, source=saved.source)
+                       data_seed=cfg.data_seed, device=dev, source=saved.source, hash_ids=cfg.hash_ids)
     model = saved.build(prepared.cls).to(dev)
     return LoadedRun(saved.run_dir, cfg, prepared, model, dev, saved.checkpoint,
                      resolve_precision(cfg.precision, dev, dense_macs(model)))

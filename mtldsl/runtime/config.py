@@ -152,6 +152,8 @@ OPTIONS: tuple[Option, ...] = (
            default=CHECKPOINT_EVERY, check=Check.non_negative, resumable=True),
     Option("progress", bool, "No progress bar and no per-epoch lines.", default=True, role=Role.call, negate=True),
     Option("runs_root", Path, default="runs", role=Role.api),
+    Option("hash_ids", int, "Hash every id field into N buckets (ids modulo N), for id spaces beyond the "
+           "vocabulary limit (Note [Vocabulary bound]).", check=Check.positive, field_default=None),
     Option("sparse_embeddings", str,
            "auto (default: on for a table of 4 MiB or more), on or off: sparse gradients and a row-wise "
            "optimizer (lazy Adam for adam) for the embedding tables.",

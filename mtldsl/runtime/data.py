@@ -2,8 +2,8 @@
 
 `load_dataset("synthetic")` generates the built-in data in memory (Note [Synthetic data]); a named
 dataset (`ali_ccp`, `census_income`, `aliexpress`) is read from its folder (catalog.resolve_folder); any
-other source is a folder path whose schema comes from `schema.json` or is inferred (and then saved there
-when the folder is writable). A folder's files are converted once into the on-disk column store
+other source is a folder path whose schema comes from `schema.json` or is inferred (never saved into the
+folder: Note [The user's folder] in store.py). A folder's files are converted once into the on-disk column store
 (store.py, Note [Column store]), checking every value: bad data raises DataError naming the file, column
 and 1-based data row, never a pandas traceback. A `Split` holds its columns (stored files or in-memory
 arrays) and yields batches gathered from a window of rows at a time (Note [Block shuffle]), list fields
@@ -15,8 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +25,6 @@ from torch import Tensor
 
 from mtldsl.catalog import (
     KNOWN_DATASETS,
-    SCHEMA_FILE,
     DataError,
     DatasetNotFound,
     Schema,
@@ -36,15 +33,16 @@ from mtldsl.catalog import (
     named,
     resolve_folder,
     schema_for,
-    schema_to_json,
 )
 
 from . import synthetic
+from .datacheck import checked_vocab_sizes, label_copies, same_columns
 from .store import ColumnFile, ListColumn, Stored, cache_root, fail, fmt, narrow_id_dtype, open_store
 from .synthetic import SYNTHETIC_ROWS, generate, split_sizes, synthetic_truth
 
 __all__ = [
     "BLOCK_ROWS",
+    "MIN_TRAIN_ROWS",
     "DataError",
     "Dataset",
     "DatasetNotFound",
@@ -55,6 +53,7 @@ __all__ = [
     "epoch_chunks",
     "load_dataset",
     "synthetic_truth",
+    "train_batch_count",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +88,25 @@ Column = np.ndarray | ColumnFile | Tensor  # a stored file, host memory, or (mov
 
 BLOCK_ROWS = 1 << 16
 WINDOW_BLOCKS = 8
+
+# Note [Remainder batch]
+# A training epoch of n rows in batches of B ends with a batch of n mod B rows. When that is one row
+# (and B > 1) it is skipped: BatchNorm cannot normalise a single row in training mode (8 of the shipped
+# specs use it), and a one-row step is the noisiest step there is, so it is skipped for every model
+# alike (the same steps whatever the architecture). The row is not lost for good: the next epoch draws a
+# new order (Note [Block shuffle]), so another row comes last. The step count per epoch is still a
+# function of (n, B) alone (train_batch_count), so a resumed epoch skips the same batches and resume
+# stays exact; under torchrun a rank's share of the tail counts the same way (distributed.py). Evaluation
+# runs in eval mode and uses every row. With --batch-size 1 every batch is one row: a model with
+# BatchNorm refuses it (loop.py), any other trains on every row.
+
+MIN_TRAIN_ROWS = 2  # the smallest training batch when --batch-size > 1 (Note [Remainder batch])
+
+
+def train_batch_count(n: int, batch_size: int) -> int:
+    """Training steps of an epoch of n rows: every batch but a final one of a single row (Note [Remainder batch])."""
+    full, tail = divmod(n, batch_size)
+    return full + (1 if tail >= MIN_TRAIN_ROWS else 0)
 
 
 @dataclass
@@ -422,12 +440,14 @@ class Split:
         generator: torch.Generator | None = None,
         drop_last: bool = False,
         skip: int = 0,
+        min_rows: int = 1,
     ) -> Iterator[dict[str, Tensor]]:
         """Yield {"sparse", "dense", "labels": {name: ...}, "groups"} batches covering every row once.
 
         With shuffle, the epoch's block-shuffled order (Note [Block shuffle], drawn from `generator`);
         without, file order. The first `skip` batches are passed over without reading them (a resumed
-        epoch). `groups` is None when the dataset has no group id. Batches land on `stream_to` when it is
+        epoch); a last batch of fewer than `min_rows` rows is not yielded. `groups` is None when the dataset
+        has no group id. Batches land on `stream_to` when it is
         set (Note [Streamed batches]).
         """
         if batch_size < 1:
@@ -435,8 +455,8 @@ class Split:
         if shuffle and generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         for k, pieces in enumerate(epoch_chunks(len(self), batch_size, generator if shuffle else None)):
-            if drop_last and chunk_len(pieces) < batch_size:
-                return
+            if (drop_last or chunk_len(pieces) < min_rows) and chunk_len(pieces) < batch_size:
+                return  # the last chunk: dropped, or too small to train on (Note [Remainder batch])
             if k >= skip:
                 yield self.gather(pieces)  # type: ignore[misc]
 
@@ -550,6 +570,7 @@ class Dataset:
     source: str  # "synthetic" or the folder path
     val_from_train: bool = False  # no val file: VAL_SHARE of train was held out as val
     notes: tuple[str, ...] = ()  # human-readable remarks worth printing (e.g. the held-out val)
+    warnings: tuple[str, ...] = ()  # likely mistakes in the data, printed even without progress output
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -568,13 +589,18 @@ def load_dataset(
     seed: int = 0,
     labels: Sequence[str] | None = None,
     binary_labels: Sequence[str] = (),
+    schema: Schema | None = None,
+    hash_ids: int | None = None,
 ) -> Dataset:
     """Load a named dataset or a folder (through its column store: Note [Column store]).
 
     rows: for synthetic, the total row count (default SYNTHETIC_ROWS, split 80/10/10); for real data,
     a cap on the rows read from each file. seed: the synthetic data's seed (real data ignores it).
     labels: label columns of a folder without schema.json. binary_labels: label columns that must be
-    0 or 1 (the binary tasks'; the loader does not know task kinds).
+    0 or 1 (the binary tasks'; the loader does not know task kinds). schema: a folder's schema as the
+    caller resolved it (with the spec's labels: Note [Inferred labels] in catalog.py); else resolved here.
+    hash_ids: hash every sparse field not hashed by the schema into that many buckets (Note [Vocabulary bound]).
+    An inferred schema is never written into the folder (Note [The user's folder] in store.py).
     """
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be positive, got {rows}")
@@ -588,30 +614,15 @@ def load_dataset(
         prefix: str | None = info.file_prefix
     else:
         folder = locate(source, data_dir)
-        schema = schema_for(str(folder), labels=labels)
+        if schema is None:
+            schema = schema_for(str(folder), labels=labels)
         prefix = None
-        if not (folder / SCHEMA_FILE).is_file() and not any(schema is i.schema for i in KNOWN_DATASETS.values()):
-            _save_schema(folder, schema)
+    if hash_ids is not None:
+        schema = replace(schema, hashed={**{f: hash_ids for f in schema.sparse}, **schema.hashed})
     unknown_binary = [c for c in binary_labels if c not in schema.labels]
     if unknown_binary:
         raise DataError(f"{folder}: binary label(s) {', '.join(map(repr, unknown_binary))} are not label columns")
     return _load_folder(folder, schema, prefix=prefix, rows=rows, binary_labels=tuple(binary_labels))
-
-
-def _save_schema(folder: Path, schema: Schema) -> None:
-    """Write an inferred schema beside the data, atomically; a read-only folder is not an error."""
-    target = folder / SCHEMA_FILE
-    if not os.access(folder, os.W_OK):
-        log.info("not saving the inferred schema: %s is read-only", folder)
-        return
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".schema.", suffix=".json", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(schema_to_json(schema))
-        os.replace(tmp, target)
-        log.info("inferred schema saved to %s", target)
-    except OSError as e:
-        log.info("not saving the inferred schema to %s: %s", target, e)
 
 
 def _stored_split(st: Stored) -> Split:
@@ -639,6 +650,7 @@ def _load_folder(
     for split in ("train", "test"):
         if split not in files:
             raise DatasetNotFound(f"{folder}: no {split} file ({split}.csv, {split}.parquet or *_{split}_sample.csv)")
+    same_columns(files, schema)
     root = cache_root(folder)
     stored: dict[str, Stored] = {}
     splits: dict[str, Split] = {}
@@ -646,7 +658,7 @@ def _load_folder(
         stored[name] = open_store(path, schema, rows, root)
         splits[name] = _stored_split(stored[name])
         _check_binary(stored[name], splits[name], binary_labels)
-    vocab = _vocab_sizes(schema, stored, splits)  # before the val hold-out, so rows still match the files
+    vocab = checked_vocab_sizes(schema, stored, splits)  # before the val hold-out, so rows still match the files
     notes: list[str] = []
     val_from_train = "val" not in splits
     if val_from_train:
@@ -670,24 +682,8 @@ def _load_folder(
         source=str(folder),
         val_from_train=val_from_train,
         notes=tuple(notes),
+        warnings=label_copies(splits["train"], files["train"]),
     )
-
-
-def _vocab_sizes(schema: Schema, stored: Mapping[str, Stored], splits: Mapping[str, Split]) -> dict[str, int]:
-    """max id + 1 over all splits; with declared sizes (schema.json), an id beyond them is a DataError."""
-    fields = (*schema.sparse, *schema.lists)
-    computed = {col: max(st.max_ids[col] for st in stored.values()) + 1 for col in fields}
-    if schema.vocab_sizes is None:
-        return computed
-    for col in fields:
-        size = schema.vocab_sizes[col]
-        if computed[col] > size:
-            for name, st in stored.items():
-                found = splits[name].first_at_least(col, size)
-                if found is not None:
-                    i, v = found
-                    raise fail(st.source, col, i, f"id {v} is outside the declared vocabulary size {size}")
-    return dict(schema.vocab_sizes)
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:

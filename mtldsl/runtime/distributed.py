@@ -12,7 +12,7 @@ Every rank loads the same dataset (deterministic by seed) and draws the same ord
 split per epoch (the trainer's (seed, epoch) generator; Note [Block shuffle] in data.py); global batch k
 is rows order[k*W*B : (k+1)*W*B] and rank r takes the contiguous block [r*B, (r+1)*B) of it. The tail
 (t = n mod W*B rows) is split evenly too, t // W rows per rank; the t mod W (< W) rows left over are not
-trained on in that epoch. So every rank runs the same number of steps on shards of equal size, and since
+trained on in that epoch, nor is a tail of one row per rank (Note [Remainder batch] in data.py). So every rank runs the same number of steps on shards of equal size, and since
 the losses are means and DDP averages gradients, one DDP step equals one single-process step on the
 global batch (single process with --batch-size W*B sees exactly the same global batches). A masked loss
 (`loss x where m`) is a mean over a data-dependent number of rows: under DDP its denominator is the
@@ -162,13 +162,21 @@ def _device(device: torch.device, local_rank: int) -> torch.device:
 def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
     """Steps per epoch: full global batches, plus one for the tail when it gives every rank a row."""
     full, tail = divmod(n, batch_size * world)
-    return full + (1 if tail // world > 0 else 0)
+    return full + (1 if tail // world >= _min_tail(batch_size) else 0)
+
+
+def _min_tail(batch_size: int) -> int:
+    """The fewest rows per rank the tail batch needs (Note [Remainder batch] in data.py: no one-row steps)."""
+    from .data import MIN_TRAIN_ROWS
+
+    return MIN_TRAIN_ROWS if batch_size > 1 else 1
 
 
 def rows_per_epoch(n: int, batch_size: int, world: int) -> int:
     """Rows trained per epoch over all ranks (n minus the < world rows the even tail split leaves out)."""
     full, tail = divmod(n, batch_size * world)
-    return full * batch_size * world + (tail // world) * world
+    per = tail // world
+    return full * batch_size * world + (per * world if per >= _min_tail(batch_size) else 0)
 
 
 def shard_batches(split: Any, batch_size: int, rank: int, world: int,
@@ -181,7 +189,7 @@ def shard_batches(split: Any, batch_size: int, rank: int, world: int,
     for k, pieces in enumerate(epoch_chunks(len(split), step, generator)):
         size = chunk_len(pieces)
         per = batch_size if size == step else size // world
-        if per == 0:
+        if per < _min_tail(batch_size):
             return
         if k >= skip:
             yield split.gather(sub_chunk(pieces, rank * per, (rank + 1) * per))

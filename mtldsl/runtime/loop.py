@@ -30,13 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..catalog import schema_to_json
 from ..pipeline import Checked
 from . import runs
 from .binding import Prepared, check_spec, instantiate, prepare, spec_input, vocab_sizes
 from .checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, make_config, resume_config
 from .conflict import epoch_means, gradient_cosines, write_conflict
-from .objective import Objective, evaluate_split, format_table, make_monitor
+from .data import MIN_TRAIN_ROWS, DataError, train_batch_count
+from .datacheck import unlinked_rows
+from .objective import Objective, evaluate_split, format_table, make_monitor, undefined_cause
 from .optim import build_optimizers, make_weighting, shared_parameters, table_bytes, use_sparse
 from .precision import dense_macs, forward, resolve_device, resolve_precision
 
@@ -153,6 +156,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.warned_undefined = False
         self.objective = prepared.objective
         self.vocab = vocab_sizes(prepared.cls, prepared.dataset.schema)
         self.sparse = use_sparse(cfg, table_bytes(prepared.cls, self.vocab), dist is not None)
@@ -225,6 +229,22 @@ class Trainer:
         )
         set_rng_state(ckpt["rng"])
 
+    # Note [Undefined monitor]
+    # A monitored metric can be undefined on the val split: AUC when the split holds one class of the
+    # output's label, gAUC when no group holds both. Early stopping never acts on it: an epoch with an
+    # undefined value neither improves on a defined best nor counts towards --patience; while no value
+    # has been defined, the latest epoch is the best checkpoint. The first such epoch prints one warning
+    # (even under --no-progress) naming the split and the cause, and metrics.json records the value as null.
+
+    def warn_undefined(self, val: Mapping[str, Mapping[str, float]]) -> None:
+        if self.warned_undefined or not self.is_main:
+            return
+        self.warned_undefined = True
+        output = self.monitor.output
+        cause = undefined_cause(self.monitor.metric.value, "val", val.get(output, {}))
+        self.log(f"warning: the monitored {self.monitor.name} is undefined ({cause}): early stopping does not act "
+                 "on it, and the last epoch is kept while it stays undefined (Note [Undefined monitor])")
+
     # ---- the loop ------------------------------------------------------------------------------
 
     def train_batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
@@ -232,7 +252,8 @@ class Trainer:
         them, or its shard of each global batch under DDP."""
         generator = _epoch_generator(self.cfg.seed, epoch)
         if self.dist is None:
-            return self.p.splits["train"].batches(self.cfg.batch_size, shuffle=True, generator=generator, skip=skip)
+            return self.p.splits["train"].batches(self.cfg.batch_size, shuffle=True, generator=generator, skip=skip,
+                                                  min_rows=MIN_TRAIN_ROWS)
         from .distributed import shard_batches
 
         return shard_batches(self.p.splits["train"], self.cfg.batch_size, self.rank, self.world_size, generator,
@@ -241,7 +262,7 @@ class Trainer:
     def batches_per_epoch(self) -> int:
         n = len(self.p.splits["train"])
         if self.dist is None:
-            return math.ceil(n / self.cfg.batch_size)
+            return train_batch_count(n, self.cfg.batch_size)
         from .distributed import batches_per_epoch
 
         return batches_per_epoch(n, self.cfg.batch_size, self.world_size)
@@ -250,7 +271,7 @@ class Trainer:
         """Training rows of one epoch over all processes (samples/s is the global throughput)."""
         n = len(self.p.splits["train"])
         if self.dist is None:
-            return n
+            return n - (1 if n % self.cfg.batch_size == 1 and self.cfg.batch_size > 1 else 0)  # Note [Remainder batch]
         from .distributed import rows_per_epoch
 
         return rows_per_epoch(n, self.cfg.batch_size, self.world_size)
@@ -352,7 +373,12 @@ class Trainer:
         val = self.main_evaluate("val")  # every rank sees rank 0's metrics: identical early-stopping decisions
         eval_seconds = time.perf_counter() - t_eval
         value = self.monitor.value(val)
-        improved = self.monitor.better(value, s.best_value) or s.best_epoch is None
+        undefined = math.isnan(value)  # Note [Undefined monitor]
+        if undefined:
+            self.warn_undefined(val)
+            improved = s.best_epoch is None or s.best_value is None or math.isnan(s.best_value)
+        else:
+            improved = self.monitor.better(value, s.best_value) or s.best_epoch is None
         row: dict[str, Any] = {"epoch": epoch}
         n = max(s.loss_count, 1)
         for k, total in zip(self.objective.loss_keys, s.loss_sums):
@@ -374,7 +400,7 @@ class Trainer:
         s.loss_sums, s.loss_count, s.epoch_seconds = [0.0] * len(self.objective.loss_keys), 0, 0.0
         if improved:
             s.best_value, s.best_epoch, s.bad_epochs = value, epoch, 0
-        else:
+        elif not undefined:  # an undefined value is no evidence against the best epoch
             s.bad_epochs += 1
             if s.bad_epochs >= cfg.patience:
                 s.stopped = True
@@ -434,8 +460,8 @@ def _resume(stack: contextlib.ExitStack, text: str, path: str, options: Mapping[
     cfg = resume_config(ckpt["config"], options, run_dir)
     dist, dev = _join_group(stack, resolve_device(cfg.device))
     source = (run_dir / runs.MODEL_SOURCE).read_text(encoding="utf-8")
-    prepared = prepare(text, path, data=cfg.data, data_dir=cfg.data_dir, rows=cfg.rows, data_seed=cfg.data_seed,
-                       device=dev, source=source)
+    prepared = prepare(text, path, data=cfg.data, data_dir=cfg.data_dir, rows=cfg.rows, hash_ids=cfg.hash_ids,
+                       data_seed=cfg.data_seed, device=dev, source=source)
     if dist is None or dist.is_main:
         runs.clean_stale_tmp(run_dir)
     return _Start(cfg, prepared, run_dir, dist, dev, ckpt)
@@ -454,8 +480,9 @@ def _start(stack: contextlib.ExitStack, text: str, path: str, options: Mapping[s
     make_monitor(cfg.monitor, Objective(model_ir), True)  # before loading any data; gauc is re-checked below
     if out is not None and ((Path(out) / runs.LAST).exists() or (Path(out) / runs.CHECKPOINT).exists()):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or another --out")
-    prepared = prepare(text, path, data=data_source, data_dir=cfg.data_dir, rows=cfg.rows, data_seed=cfg.data_seed,
-                       device=dev, checked=spec_checked)
+    prepared = prepare(text, path, data=data_source, data_dir=cfg.data_dir, rows=cfg.rows, hash_ids=cfg.hash_ids,
+                       data_seed=cfg.data_seed, device=dev, checked=spec_checked)
+    _check_trainable(prepared, cfg)
     make_monitor(cfg.monitor, prepared.objective, prepared.dataset.train.has_groups)
     run_dir = Path()
     if dist is None or dist.is_main:  # only the main process writes (Note [Distributed training])
@@ -466,9 +493,55 @@ def _start(stack: contextlib.ExitStack, text: str, path: str, options: Mapping[s
             run_dir.mkdir(parents=True, exist_ok=True)
         runs.atomic_write_text(run_dir / runs.SPEC, text)
         runs.atomic_write_text(run_dir / runs.MODEL_SOURCE, prepared.source)
+        runs.atomic_write_text(run_dir / runs.SCHEMA, schema_to_json(prepared.dataset.schema, with_vocab=True))
     if dist is not None:  # one run folder: the name rank 0 chose (its time stamp)
         run_dir = Path(dist.broadcast(str(run_dir) if dist.is_main else None))
     return _Start(cfg, prepared, run_dir, dist, dev)
+
+
+def _check_trainable(prepared: Prepared, cfg: TrainConfig) -> None:
+    """Data a run cannot train on: fewer than two train rows; one-row batches for a model with BatchNorm."""
+    n = len(prepared.splits["train"])
+    if n < MIN_TRAIN_ROWS:
+        raise DataError(f"{prepared.dataset.source}: {n} train row(s) (after any val hold-out): too few to train on")
+    model = prepared.checked.model
+    mlps = [getattr(x, "mlp", None) for x in (*model.experts, *model.gates, *model.towers)]
+    if cfg.batch_size == 1 and (model.transfers or any(m is not None and m.batch_norm for m in mlps)):
+        raise ConfigError("--batch-size 1: the model uses batch_norm, which needs at least 2 rows per training batch "
+                          "(Note [Remainder batch])")
+
+
+def _linked(model: Any) -> list[tuple[str, str]]:
+    """(label, condition) column pairs the spec links: a label and its `where` columns; a product's later factor
+    and each earlier one (`click * purchase`: purchase needs a click)."""
+    pairs: list[tuple[str, str]] = []
+    for node in (*model.tasks, *model.outputs, *model.losses):
+        label = tuple(node.label or ())
+        pairs += [(label[j], label[i]) for j in range(len(label)) for i in range(j)]
+        pairs += [(c, w) for c in label for w in (node.where or ()) if c != w]
+    return list(dict.fromkeys(pairs))
+
+
+def data_report(prepared: Prepared) -> tuple[list[str], dict[str, Any]]:
+    """The data's warnings (printed even without progress output) and what metrics.json records about the data:
+    split sizes, the val hold-out, rows whose labels contradict the spec's links, the warnings."""
+    ds = prepared.dataset
+    warnings = list(ds.warnings)
+    unlinked = unlinked_rows(ds, _linked(prepared.checked.model))
+    for (label, cond), counts in unlinked.items():
+        where = ", ".join(f"{k} in {name}" for name, k in counts.items())
+        warnings.append(f"{ds.source}: rows with {label} = 1 and {cond} = 0 ({where}), which the spec's labels rule "
+                        f"out ({label} needs {cond}); kept as they are (`mtldsl data prepare` drops such rows)")
+    record = {
+        "source": ds.source,
+        "rows": {name: len(ds.split(name)) for name in ("train", "val", "test")},
+        "val_held_out": {"rows": len(ds.val), "of_train_rows": len(ds.val) + len(ds.train)} if ds.val_from_train
+        else None,
+        "unlinked_rows": [{"label": label, "condition": cond, "rows": counts}
+                          for (label, cond), counts in unlinked.items()],
+        "warnings": warnings,
+    }
+    return warnings, record
 
 
 def _announce(trainer: Trainer, start: _Start) -> None:
@@ -510,11 +583,16 @@ def run(stack: contextlib.ExitStack, spec: str | Path | Checked, options: Mappin
         if trainer.state.stopped and trainer.state.bad_epochs < start.cfg.patience:
             trainer.state.stopped = False  # a larger --patience lets a stopped run go on
     _announce(trainer, start)
+    warnings, data = data_report(start.prepared)
+    if trainer.is_main:
+        for w in warnings:
+            trainer.log(f"warning: {w}")
     trainer.fit()
-    return _finish(trainer, start.prepared, start.cfg, start.run_dir)
+    return _finish(trainer, start.prepared, start.cfg, start.run_dir, data)
 
 
-def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Path) -> RunResult:
+def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Path,
+            data: dict[str, Any]) -> RunResult:
     """Load the best checkpoint, evaluate it on test, write metrics.json, history.csv and curve.png."""
     s = trainer.state
     if trainer.is_main:  # under DDP the other ranks keep their final weights (the run folder may be rank 0's only)
@@ -528,6 +606,7 @@ def _finish(trainer: Trainer, prepared: Prepared, cfg: TrainConfig, run_dir: Pat
     metrics = {
         "model": model_ir.name,
         "dataset": cfg.data,
+        "data": data,
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "tasks": test,
         "train": {

@@ -228,18 +228,34 @@ def evaluate_split(model: nn.Module, split: Any, objective: Objective, batch_siz
     return acc.compute()
 
 
-def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """A plain-text table, one row per output (and domain): output, then the vocab.Metric columns any row has, n."""
+def undefined_cause(metric: str, split: str, m: Mapping[str, float]) -> str:
+    """Why `metric` is nan on `split` (m: that output's metrics)."""
+    if not m.get("n"):
+        return f"no rows in the {split} split"
+    if metric == "gauc":
+        return f"no group with both classes in the {split} split"
+    if metric == "auc":
+        return f"one class in the {split} split"
+    return f"not a finite value on the {split} split"
+
+
+def format_table(metrics: Mapping[str, Mapping[str, float]], split: str = "test") -> str:
+    """A plain-text table, one row per output (and domain): output, then the vocab.Metric columns any row has, n.
+    An undefined (nan) metric reads `undefined`, and a line under the table says why."""
     cols = [c.value for c in Metric if any(c.value in m for m in metrics.values())]
     rows = [["output", *cols, "n"]]
+    why: dict[str, list[str]] = {}
     for name, m in metrics.items():
         cells = [name]
         for c in cols:
             v = m.get(c)
-            cells.append("-" if v is None else "nan" if math.isnan(v) else f"{v:.4f}")
+            if v is not None and math.isnan(v):
+                why.setdefault(undefined_cause(c, split, m), []).append(f"{name}.{c}")
+            cells.append("-" if v is None else "undefined" if math.isnan(v) else f"{v:.4f}")
         cells.append(str(int(m.get("n", 0))))
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r)).rstrip()
              for r in rows]
+    lines += [f"undefined: {cause} ({', '.join(names)})" for cause, names in why.items()]
     return "\n".join(lines)

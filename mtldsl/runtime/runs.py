@@ -51,6 +51,7 @@ LAST = "last.pt"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 CURVE = "curve.png"
+SCHEMA = "schema.json"  # the data's schema as the run read it, vocabulary sizes included (Note [The user's folder])
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 

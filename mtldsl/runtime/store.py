@@ -10,13 +10,16 @@ later uses only read the manifest. Note [Column store] says what is stored where
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,6 +31,7 @@ import pandas as pd
 from pandas.api import types as ptypes
 
 from mtldsl.catalog import DataError, Schema
+from mtldsl.datafiles import open_csv, read_header, unreadable
 
 __all__ = ["CACHE_DIR", "CACHE_ENV", "CHUNK_ROWS", "FORMAT", "ColumnFile", "ListColumn", "Role", "Stored", "cache_root",
            "narrow_id_dtype", "npy_writer", "open_columns", "open_store", "publish", "user_cache"]
@@ -50,9 +54,21 @@ log = logging.getLogger(__name__)
 # later run could mistake for a store (a leftover `.tmp-*` folder is ignored, and removed by the next
 # build). Builds take a lock file (`.lock-<store>`, flock): of several processes loading the same
 # data at once (torchrun ranks), one builds and the others wait for it and read its store.
-# <cache> is `$MTLDSL_CACHE_DIR` when set; else `<folder>/.mtldsl-cache/` when the data folder is
-# writable; else `$XDG_CACHE_HOME/mtldsl` (default ~/.cache/mtldsl), in a subfolder named by the data
-# folder's name and a hash of its absolute path.
+# <cache> is `$MTLDSL_CACHE_DIR` when set; else `<folder>/.mtldsl-cache/` when mtldsl wrote the data
+# folder (`mtldsl data prepare`: it holds prepare.json); else `$XDG_CACHE_HOME/mtldsl` (default
+# ~/.cache/mtldsl), in a subfolder named by the data folder's name and a hash of its absolute path
+# (Note [The user's folder]).
+
+# Note [The user's folder]
+# mtldsl never writes into a data folder it did not create: not an inferred schema.json, not a column
+# store, not a lock file, even when the folder is writable (a hidden `.mtldsl-cache/` is still a write
+# into someone else's folder: it fills their disk quota, shows in their `git status` and their backups,
+# and a stale one used to win over their edits). An inferred schema is not stored anywhere: it is
+# inferred again on each use (catalog.infer_schema: the header and INFER_ROWS rows, fast and
+# deterministic), so it always describes the files as they are now; the run folder records the schema a
+# run trained on (schema.json). Column stores live in the user cache, keyed by each file's size and
+# mtime (a changed file is converted again), so a stale cache never wins over the data. Folders written
+# by `mtldsl data prepare` are mtldsl's, and keep their store beside the data.
 # Reading never maps a column: a ColumnFile reads row ranges with positioned reads, a window of blocks
 # at a time (data.py, Note [Block shuffle]). Pages of a memory map stay in the process's resident set
 # until unmapped, so mapping a 40M-row column would make peak RSS grow with the file again; reads
@@ -77,6 +93,7 @@ CACHE_ENV = "MTLDSL_CACHE_DIR"  # when set, every store lives under it (tests; d
 CHUNK_ROWS = 1 << 18  # rows per conversion chunk (~30 MB of parsed columns for Ali-CCP's 33)
 FORMAT = 2  # the store layout (2: list fields); a different number rebuilds every store
 MANIFEST = "manifest.json"
+PREPARED = "prepare.json"  # written by `mtldsl data prepare`: the folder is mtldsl's (Note [The user's folder])
 
 
 class Role(Enum):
@@ -182,7 +199,7 @@ def user_cache() -> Path:
 def cache_root(folder: Path) -> Path:
     """Where the stores of a data folder live (Note [Column store])."""
     explicit = os.environ.get(CACHE_ENV)
-    if not explicit and os.access(folder, os.W_OK):
+    if not explicit and (folder / PREPARED).is_file() and os.access(folder, os.W_OK):
         try:
             (folder / CACHE_DIR).mkdir(exist_ok=True)
             return folder / CACHE_DIR
@@ -225,6 +242,13 @@ def fmt(x: float) -> str:
 def _numeric(path: Path, df: pd.DataFrame, col: str, expected: str, base: int) -> np.ndarray:
     """The column as a float64/int64 array; text cells that are not numbers raise DataError."""
     s = df[col]
+    if ptypes.is_unsigned_integer_dtype(s.dtype) and s.dtype.itemsize == 8 and not s.hasnans:
+        over = (s > np.iinfo(np.int64).max).to_numpy()
+        if over.any() and "id" in expected:  # as the file has it, not wrapped to a negative number
+            i = _first(over)
+            raise fail(path, col, base + i, f"id {s.iloc[i]} does not fit a signed 64-bit integer")
+        if over.any():
+            return s.to_numpy(dtype=np.float64, copy=True)
     if ptypes.is_bool_dtype(s.dtype) or (ptypes.is_integer_dtype(s.dtype) and not s.hasnans):
         return s.to_numpy(dtype=np.int64, copy=True)  # copy: pandas may hand out read-only views
     if ptypes.is_numeric_dtype(s.dtype):
@@ -256,11 +280,30 @@ def _ids(path: Path, df: pd.DataFrame, col: str, base: int, *, non_negative: boo
         if bad.any():
             i = _first(bad)
             raise fail(path, col, base + i, f"expected an integer id, got {fmt(a[i])}")
+        huge = np.abs(a) >= 2.0**63
+        if huge.any():
+            i = _first(huge)
+            raise fail(path, col, base + i, f"id {_text_at(path, col, base + i) or fmt(a[i])} does not fit a "
+                                            "signed 64-bit integer")
         a = a.astype(np.int64)
     if non_negative and (a < 0).any():
         i = _first(a < 0)
         raise fail(path, col, base + i, f"expected a non-negative integer id, got {a[i]}")
     return a
+
+
+def _text_at(path: Path, col: str, i: int) -> str | None:
+    """The text of 0-based data row `i` in column `col` of a CSV file, as written (for an error message only)."""
+    if path.suffix == ".parquet":
+        return None
+    with open_csv(path) as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for k, row in enumerate(reader):
+            if k == i:
+                j = header.index(col)
+                return row[j].strip() if j < len(row) else None
+    return None
 
 
 def _finite(path: Path, df: pd.DataFrame, col: str, base: int) -> np.ndarray:
@@ -278,7 +321,10 @@ def _chunk_arrays(df: pd.DataFrame, path: Path, schema: Schema, base: int) -> di
     for col in schema.labels:
         out[Role.label, col] = _finite(path, df, col, base)
     for col in schema.sparse:
-        out[Role.sparse, col] = _ids(path, df, col, base)
+        if col in schema.hashed:  # any 64-bit id, taken modulo the buckets (Note [Vocabulary bound] in datacheck.py)
+            out[Role.sparse, col] = _ids(path, df, col, base, non_negative=False) % schema.hashed[col]
+        else:
+            out[Role.sparse, col] = _ids(path, df, col, base)
     for col in schema.dense:
         out[Role.dense, col] = _finite(path, df, col, base)
     if schema.user_id is not None and schema.user_id not in schema.sparse:
@@ -392,21 +438,21 @@ Chunk = tuple[pd.DataFrame, dict[str, object]]  # the single-valued columns, and
 def _chunks(path: Path, schema: Schema, rows: int | None) -> Iterator[Chunk]:
     """The schema's columns of `path`, CHUNK_ROWS rows at a time, at most `rows` rows (CSV cells kept verbatim)."""
     needed = list(schema.columns)
+    header = read_header(path)  # checked names: no duplicates, no padding, no other delimiter (catalog.py)
+    check_columns(path, header, needed, schema)
     listed = _list_columns(schema)
     flat = [c for c in needed if c not in listed]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        try:
-            pf = pq.ParquetFile(path)
-            header = list(pf.schema_arrow.names)
-        except Exception as e:  # pyarrow raises several types for a damaged or empty file
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-        check_columns(path, header, needed, schema)
+        pf = pq.ParquetFile(path)
         left = rows
         base = 0
         for group in range(pf.num_row_groups):  # one row group in memory at a time (no read-ahead)
-            table = pf.read_row_group(group, columns=needed, use_threads=False)
+            try:
+                table = pf.read_row_group(group, columns=needed, use_threads=False)
+            except Exception as e:  # a truncated or corrupt row group
+                raise DataError(f"{path}: not a readable Parquet file (row group {group}: {e})") from None
             for start in range(0, table.num_rows, CHUNK_ROWS):
                 batch = table.slice(start, CHUNK_ROWS if left is None else min(CHUNK_ROWS, left))
                 if left is not None:
@@ -420,25 +466,37 @@ def _chunks(path: Path, schema: Schema, rows: int | None) -> Iterator[Chunk]:
                     return
             del table
         return
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file")
     if schema.lists:
         raise DataError(f"{path}: list field(s) {', '.join(map(repr, schema.lists))} need a Parquet file: CSV has no "
                         "list type (write list<int> ids and list<float> weights to Parquet; Note [List columns])")
+    # Every column is read (usecols would drop a row's extra fields silently); pandas then refuses a row with
+    # more fields than the header, and warns (made an error here) when it is the first one.
     try:
-        try:
-            header = list(pd.read_csv(path, nrows=0).columns)
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path}: empty file") from None
-        check_columns(path, header, needed, schema)
-        reader = pd.read_csv(path, usecols=needed, nrows=rows, chunksize=CHUNK_ROWS,
-                             keep_default_na=False,  # keep 'n/a', '' … as text so the error can quote them
-                             na_values=[], low_memory=False)
-        with reader:
-            for df in reader:
-                yield df[needed], {}
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot parse: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            reader = pd.read_csv(path, header=0, names=header, nrows=rows, chunksize=CHUNK_ROWS, index_col=False,
+                                 keep_default_na=False,  # keep 'n/a', '' … as text so the error can quote them
+                                 na_values=[], low_memory=False)
+            with reader:
+                for df in reader:
+                    yield df[needed], {}
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: row 1: more fields than the header's {len(header)} "
+                        "(an unquoted comma inside a value?)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as e:
+        raise _parse_error(path, e) from None
+
+
+def _parse_error(path: Path, e: BaseException) -> DataError:
+    """pandas' CSV errors, worded by file and 1-based data row where pandas says the line."""
+    text = str(e).strip()
+    m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+    if m:
+        return DataError(f"{path}: row {int(m[2]) - 1}: {m[3]} fields, the header has {m[1]} "
+                         "(an unquoted comma inside a value?)")
+    if isinstance(e, (UnicodeDecodeError, OSError)):  # the row of the bad bytes, as the header read says it
+        return unreadable(path, e, 0)
+    return DataError(f"{path}: cannot parse: {text}")
 
 
 # --- building and opening a store ---------------------------------------------------------------------
@@ -448,7 +506,8 @@ def _key(path: Path, schema: Schema, rows: int | None) -> dict[str, object]:
     st = path.stat()
     return {"format": FORMAT, "source": {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
             "rows": rows, "labels": list(schema.labels), "sparse": list(schema.sparse), "dense": list(schema.dense),
-            "user_id": schema.user_id, "lists": list(schema.lists), "list_weights": dict(schema.list_weights)}
+            "user_id": schema.user_id, "lists": list(schema.lists), "list_weights": dict(schema.list_weights),
+            **({"hashed": dict(schema.hashed)} if schema.hashed else {})}
 
 
 def _file_name(role: Role, j: int) -> str:

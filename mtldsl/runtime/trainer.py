@@ -107,7 +107,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, *, data_dir: str | No
     check_vocab(loaded.prepared.cls, loaded.prepared.dataset, split, loaded.checkpoint["vocab_sizes"])
     metrics = evaluate_split(loaded.model, loaded.prepared.splits[split], loaded.prepared.objective,
                              batch_size or loaded.config.batch_size, loaded.device, loaded.precision)
-    return EvalResult(metrics, format_table(metrics), loaded.prepared.dataset.source, split)
+    return EvalResult(metrics, format_table(metrics, split), loaded.prepared.dataset.source, split)
 
 
 def predict(run_dir: str | Path, out_file: str | Path, data: str | None = None, *, data_dir: str | None = None,
