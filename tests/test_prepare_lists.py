@@ -116,12 +116,13 @@ def test_the_named_dataset_takes_the_schema_its_folder_was_prepared_with(both, m
     assert load_dataset("ali_ccp", data_dir=folder.parent).schema.sparse == KNOWN_DATASETS["ali_ccp"].schema.sparse
 
 
-def test_a_shipped_spec_on_whole_lists_says_which_lists_it_does_not_read(both, monkeypatch) -> None:
+def test_a_shipped_spec_on_whole_lists_says_which_lists_it_does_not_read(both, monkeypatch, tmp_path) -> None:
     """Note [Ali-CCP lists]: `fields all` leaves the list fields out, and training says so and how to read them."""
     from mtldsl.runtime.binding import prepare
     import torch
 
     _, full, _ = both
+    monkeypatch.setenv("MTLDSL_CACHE_DIR", str(tmp_path))  # this test's stores only
     spec = Path(__file__).resolve().parents[1] / "specs" / "esmm.mtl"
     prepared = prepare(spec.read_text(), str(spec), data="ali_ccp", data_dir=str(full.out.parent), rows=None,
                        data_seed=0, device=torch.device("cpu"))
@@ -129,6 +130,11 @@ def test_a_shipped_spec_on_whole_lists_says_which_lists_it_does_not_read(both, m
     note = prepared.dataset.notes[-1]
     assert note.startswith("data: the model reads none of the list field(s) 109_14, 110_14, 127_14, 150_14")
     assert "fields lists  pool sum" in note and "--last-entry" in note
+    # Note [Unread lists]: the lists it does not read are neither loaded nor stored
+    assert prepared.dataset.schema.lists == () and not prepared.dataset.split("train").list_cols
+    stored = [p.name for p in tmp_path.rglob("*.npy")] + [p.name for p in (full.out / ".mtldsl-cache").rglob("*.npy")]
+    assert any(n.startswith("sparse") for n in stored)
+    assert not [n for n in stored if n.startswith(("list", "offsets", "weights"))]  # Role's list files
 
 
 def test_cli_prepare_last_entry_flag(tmp_path) -> None:

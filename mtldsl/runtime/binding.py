@@ -156,23 +156,29 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     """Check the spec against the dataset (check_spec), load the data, compile (or reuse `source`), cut the splits."""
     from .. import compile_spec, load_module
     from ..codegen import class_name
-    from .data import load_dataset
+    from .data import load_dataset, only_lists
 
     spec, data, schema = checked or check_spec(text, path, data=data, data_dir=data_dir)
     assert spec.model is not None
     objective = Objective(spec.model)
+
+    def compiled(spec: Checked, source: str | None) -> tuple[str, type]:
+        assert spec.model is not None
+        source = compile_spec(spec) if source is None else source
+        module = load_module(source, f"mtldsl_{spec.model.name}")
+        return source, getattr(module, class_name(spec.model.name))
+
+    given = source  # a run's saved source is used as it is
+    source, cls = compiled(spec, given)  # before loading: only the lists it reads are loaded (Note [Unread lists])
     dataset = load_dataset(data, data_dir=data_dir, rows=rows, seed=data_seed, binary_labels=objective.binary_columns,
-                           schema=schema, hash_ids=hash_ids)
-    if not _same_fields(dataset.schema, schema):  # e.g. a folder whose schema was inferred differently on load
+                           schema=schema, hash_ids=hash_ids, lists=list_fields(cls))
+    if not _same_fields(dataset.schema, only_lists(schema, list_fields(cls))):  # e.g. inferred differently on load
         spec = _check_against(text, path, dataset.schema)
         assert spec.model is not None
         objective = Objective(spec.model)
-    if source is None:
-        source = compile_spec(spec)
-    module = load_module(source, f"mtldsl_{spec.model.name}")
-    cls = getattr(module, class_name(spec.model.name))
+        source, cls = compiled(spec, given)
     check_columns(cls, dataset, dataset.source)
-    unread = unread_lists(cls, dataset.schema)
+    unread = unread_lists(cls, schema)
     if unread:
         dataset.notes = (*dataset.notes, unread)
     splits = _place({name: _cut(dataset.split(name), cls, objective)
