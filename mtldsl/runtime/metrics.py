@@ -56,17 +56,20 @@ _MAX_GROUP = 1 << 30  # group indices packed into bits 33..62 of the key
 
 
 def _pack(scores: np.ndarray, pos: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
-    """(group, score, label) packed into sortable uint64 keys (Note [Packed sort keys])."""
-    key = (scores.astype(np.float32) + np.float32(0)).view(np.uint32).astype(np.uint64)  # -0.0 -> +0.0
-    flip = key >> np.uint64(31)  # 1 for negative floats
-    flip *= np.uint64(0x7FFFFFFF)
-    flip += np.uint64(0x80000000)  # negative: invert all 32 bits; others: set the sign bit
-    key ^= flip
-    del flip
-    key <<= np.uint64(1)
-    key |= pos.astype(np.uint64)
-    if groups is not None:
-        key |= groups.astype(np.uint64) << np.uint64(33)
+    """(group, score, label) packed into sortable uint64 keys (Note [Packed sort keys]), CHUNK rows at a time
+    into one array: no whole-split temporaries besides the keys."""
+    key = np.empty(scores.size, dtype=np.uint64)
+    for i in range(0, scores.size, CHUNK):
+        k = key[i:i + CHUNK]
+        k[:] = (scores[i:i + CHUNK].astype(np.float32) + np.float32(0)).view(np.uint32)  # -0.0 -> +0.0
+        flip = k >> np.uint64(31)  # 1 for negative floats
+        flip *= np.uint64(0x7FFFFFFF)
+        flip += np.uint64(0x80000000)  # negative: invert all 32 bits; others: set the sign bit
+        k ^= flip
+        k <<= np.uint64(1)
+        k |= pos[i:i + CHUNK]
+        if groups is not None:
+            k |= groups[i:i + CHUNK].astype(np.uint64) << np.uint64(33)
     return key
 
 
@@ -212,6 +215,13 @@ def _kind(kind: object) -> TaskKind:
         raise ValueError(f"unknown task kind {kind!r} (binary, regression)") from None
 
 
+def _narrow(ids: Tensor) -> Tensor:
+    """Host int64 group ids as int32 when they fit (half the memory held per evaluated row); others as they are."""
+    if ids.dtype == torch.int64 and ids.device.type == "cpu" and ids.numel() and ids.min() >= 0 and ids.max() < 2**31:
+        return ids.to(torch.int32)
+    return ids
+
+
 class Accumulator:
     """Collects predictions and labels per output across batches, on their device; computes metrics at the end.
 
@@ -260,7 +270,7 @@ class Accumulator:
             self._labels[n].append(y)
             m = masks.get(n)
             self._masks[n].append(None if m is None else m.detach().reshape(-1).to(torch.bool))
-        self._groups.append(None if groups is None else groups.detach().reshape(-1))
+        self._groups.append(None if groups is None else _narrow(groups.detach().reshape(-1)))
 
     def _cat(self, name: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """One output's predictions, labels, groups and mask, concatenated on the CPU (and kept so, in place of
@@ -278,15 +288,13 @@ class Accumulator:
         return p, y, self._all_groups(), mask
 
     def _all_groups(self) -> Tensor | None:
-        """Every row's group, concatenated once for all outputs (int32 while the ids fit, half the memory of
-        int64; gauc reads them as they are, Note [Packed sort keys])."""
+        """Every row's group, concatenated once for all outputs (int32 while the ids fit: _narrow; gauc reads
+        them as they are, Note [Packed sort keys])."""
         if self._groups and all(t is not None for t in self._groups):
             if len(self._groups) > 1 or self._groups[0].device.type != "cpu":
-                ids = torch.cat([t for t in self._groups if t is not None]).cpu()
-                self._groups = []
-                if ids.numel() and ids.dtype == torch.int64 and ids.min() >= 0 and ids.max() < 2**31:
-                    ids = ids.to(torch.int32)
-                self._groups = [ids]
+                parts, self._groups = self._groups, []
+                self._groups = [_narrow(torch.cat(parts).cpu())]  # type: ignore[arg-type]
+                del parts
             return self._groups[0]
         return None
 
