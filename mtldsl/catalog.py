@@ -183,8 +183,9 @@ def _ali_ccp_schema(name: str, vocab_sizes: Mapping[str, int] | None = None) -> 
 # fields, else the single-valued one (also when no folder is present, so `check`/`compile` need no files).
 # `fields all` means the single-valued fields on every dataset (docs/language.md, List fields), so on a
 # full-list folder a spec saying `fields all` does not read the four behaviour id lists (their D<f>
-# values stay: they are dense columns). That is said, not silent: training prints which list fields the
-# model does not read and how to read them (binding.unread_lists). Reading them needs a table with
+# values stay: they are dense columns). That is said, not silent: training warns (without progress output
+# too; metrics.json keeps it) which list fields the model does not read and how to read them
+# (binding.unread_lists). Reading them needs a table with
 # `pool`, which the validator refuses on data without lists (synthetic), and the shipped specs must run
 # on synthetic, so they keep `fields all`; a spec for the full lists adds e.g.
 # `embedding beh shared { dim 16  fields lists  pool sum }`, and `--last-entry` gives the shipped specs

@@ -180,7 +180,7 @@ def prepare(text: str, path: str, *, data: str | None, data_dir: str | None, row
     check_columns(cls, dataset, dataset.source)
     unread = unread_lists(cls, schema)
     if unread:
-        dataset.notes = (*dataset.notes, unread)
+        dataset.warnings = (*dataset.warnings, unread)  # printed without progress output too, kept in metrics.json
     splits = _place({name: _cut(dataset.split(name), cls, objective)
                      for name in ("train", "val", "test")}, device)
     return Prepared(spec, objective, source, cls, dataset, splits)
