@@ -22,7 +22,7 @@ from .config import ConfigError
 from .objective import Objective
 
 __all__ = ["DEVICE_DATA_SHARE", "Prepared", "check_columns", "check_spec", "check_vocab", "data_fits", "instantiate",
-           "list_fields", "prepare", "spec_input", "unread_lists", "vocab_sizes"]
+           "list_fields", "prepare", "spec_input", "unread_lists", "vocab_sizes", "weighted_fields"]
 
 DEVICE_DATA_SHARE = 0.5  # splits move to an accelerator whole up to this share of its free memory, else stream
 
@@ -72,11 +72,16 @@ def list_fields(cls: type) -> tuple[str, ...]:
     return tuple(getattr(cls, "LIST_FIELDS", ()))
 
 
+def weighted_fields(cls: type) -> tuple[str, ...]:
+    """The list fields whose weights a generated class reads (WEIGHTED_FIELDS, declared only with lists)."""
+    return tuple(getattr(cls, "WEIGHTED_FIELDS", ()))
+
+
 def _cut(split: Any, cls: type, objective: Objective) -> Any:
     """The split with only the model's columns, in its order (no copy: the same column files or arrays), whose
     batches carry the objective's label products (computed per batch, on the host). A list field keeps its
     weights only when the model reads them (WEIGHTED_FIELDS), so a batch holds exactly the model's inputs."""
-    weighted = set(getattr(cls, "WEIGHTED_FIELDS", ()))
+    weighted = set(weighted_fields(cls))
     return replace(
         split,
         sparse_cols={f: split.sparse_cols[f] for f in cls.SPARSE_FIELDS},
@@ -113,7 +118,7 @@ def check_columns(cls: type, dataset: Any, source: str) -> None:
     missing = [f for f in cls.SPARSE_FIELDS if f not in schema.sparse] + \
               [f for f in cls.DENSE_FIELDS if f not in schema.dense] + \
               [f for f in list_fields(cls) if f not in schema.lists] + \
-              [f for f in getattr(cls, "WEIGHTED_FIELDS", ()) if f not in schema.list_weights]
+              [f for f in weighted_fields(cls) if f not in schema.list_weights]
     if missing:
         cols = ", ".join(f"'{c}'" for c in missing)
         raise DataError(f"{source}: the model reads column(s) {cols}, which the dataset does not have")

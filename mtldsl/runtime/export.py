@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from .binding import list_fields, weighted_fields
 
 __all__ = [
     "DEFAULT_FILES",
@@ -82,8 +83,8 @@ class ExportResult:
 
 def list_keys(model: nn.Module) -> list[str]:
     """The batch keys of a model's list fields, in input order (Note [List fields]); [] without lists."""
-    weighted = set(getattr(model, "WEIGHTED_FIELDS", ()))
-    return [f"{f}.{part}" for f in getattr(model, "LIST_FIELDS", ())
+    weighted = set(weighted_fields(model))
+    return [f"{f}.{part}" for f in list_fields(model)
             for part in ("ids", "offsets", *(("weights",) if f in weighted else ()))]
 
 
@@ -124,14 +125,14 @@ def sample_inputs(model: nn.Module, vocab_sizes: Mapping[str, int], batch: int, 
     [0, 1), and per list field random bags of 0-4 ids (sample 1 has an empty list) with weights in [0.5, 1.5)."""
     _check_generated(model)
     g = torch.Generator().manual_seed(seed)
-    lists = tuple(getattr(model, "LIST_FIELDS", ()))
+    lists = list_fields(model)
     missing = [f for f in (*model.SPARSE_FIELDS, *lists) if f not in vocab_sizes]
     if missing:
         raise ExportError(f"no vocabulary size for field(s) {', '.join(map(repr, missing))}")
     cols = [torch.randint(0, int(vocab_sizes[f]), (batch,), generator=g) for f in model.SPARSE_FIELDS]
     sparse = torch.stack(cols, dim=1) if cols else torch.zeros(batch, 0, dtype=torch.long)
     inputs = [sparse] + ([torch.rand(batch, len(model.DENSE_FIELDS), generator=g)] if model.DENSE_FIELDS else [])
-    weighted = set(getattr(model, "WEIGHTED_FIELDS", ()))
+    weighted = set(weighted_fields(model))
     for f in lists:
         lengths = torch.randint(0, 5, (batch,), generator=g)
         lengths[0] = lengths[0].clamp(min=1)
@@ -152,8 +153,8 @@ def _metadata(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
         "inputs": json.dumps(list(names)),
         "sparse_fields": json.dumps(list(model.SPARSE_FIELDS)),
         "dense_fields": json.dumps(list(model.DENSE_FIELDS)),
-        "list_fields": json.dumps(list(getattr(model, "LIST_FIELDS", ()))),
-        "weighted_fields": json.dumps(list(getattr(model, "WEIGHTED_FIELDS", ()))),
+        "list_fields": json.dumps(list(list_fields(model))),
+        "weighted_fields": json.dumps(list(weighted_fields(model))),
         "outputs": json.dumps(list(model.OUTPUTS)),
     }
 
