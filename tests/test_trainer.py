@@ -207,6 +207,27 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, monkeypatch: pyte
     assert full.history[-1]["train_loss_ctr"] == pytest.approx(resumed.history[-1]["train_loss_ctr"], rel=1e-9)
 
 
+@pytest.mark.parametrize("every", [None, 200])
+def test_default_mid_epoch_saves_take_a_bounded_share_of_the_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  every: int | None) -> None:
+    """Note [Checkpoint cost]: by default a save waits for CHECKPOINT_COST times its own duration of training;
+    an explicit --checkpoint-every saves every N steps however long saving takes."""
+    real, mid_epoch = loop.save_checkpoint, []
+
+    def slow_save(state: dict, path: Path) -> None:  # a save as slow as a 250 MB table's, ~1000 tiny steps long
+        if state["batch_in_epoch"]:
+            mid_epoch.append(state["step"])
+            time.sleep(1.0)
+        real(state, path)
+
+    monkeypatch.setattr(loop, "save_checkpoint", slow_save)
+    result = _quick(ROOT / "specs" / "shared_bottom.mtl", tmp_path, rows=12000, batch_size=16, checkpoint_every=every)
+    steps = result.metrics["train"]["steps"]
+    assert steps >= 600  # room for saves at steps 200, 400 and 600
+    # the default saves at step 200 (no save yet to time) and then waits 20 s of training: none in this run
+    assert mid_epoch == ([200] if every is None else list(range(200, steps, 200)))
+
+
 def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
     spec = ROOT / "specs" / "shared_bottom.mtl"
     _quick(spec, tmp_path, rows=600)

@@ -23,6 +23,7 @@ from ..diagnostics import did_you_mean
 from ..vocab import Optimizer, Weighting, names
 
 __all__ = [
+    "CHECKPOINT_COST",
     "CHECKPOINT_EVERY",
     "OPTIONS",
     "RESUMABLE",
@@ -41,7 +42,8 @@ __all__ = [
     "validate_config",
 ]
 
-CHECKPOINT_EVERY = 200  # default steps between mid-epoch `last.pt` saves
+CHECKPOINT_EVERY = 200  # steps between mid-epoch `last.pt` saves by default (Note [Checkpoint cost] in loop.py)
+CHECKPOINT_COST = 20  # by default a mid-epoch save waits for this many times its last save's duration of training
 
 
 class ConfigError(ValueError):
@@ -148,8 +150,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("monitor", str, "Early stopping metric: <output>.<metric> or mean.<metric>.", from_spec=True),
     Option("patience", int, "Epochs without improvement before stopping.", from_spec=True,
            check=Check.non_negative, resumable=True),
-    Option("checkpoint_every", int, "Steps between mid-epoch last.pt saves (0: epoch ends only).",
-           default=CHECKPOINT_EVERY, check=Check.non_negative, resumable=True),
+    Option("checkpoint_every", int, "Steps between mid-epoch last.pt saves (0: epoch ends only). Default: "
+           f"every {CHECKPOINT_EVERY} steps, but at most ~{100 // CHECKPOINT_COST}% of the training time spent saving.",
+           check=Check.non_negative, resumable=True, field_default=None),
     Option("progress", bool, "No progress bar and no per-epoch lines.", default=True, role=Role.call, negate=True),
     Option("runs_root", Path, default="runs", role=Role.api),
     Option("hash_ids", int, "Hash every id field into N buckets (ids modulo N), for id spaces beyond the "
