@@ -292,9 +292,7 @@ class Accumulator:
         them as they are, Note [Packed sort keys])."""
         if self._groups and all(t is not None for t in self._groups):
             if len(self._groups) > 1 or self._groups[0].device.type != "cpu":
-                parts, self._groups = self._groups, []
-                self._groups = [_narrow(torch.cat(parts).cpu())]  # type: ignore[arg-type]
-                del parts
+                self._groups = [_narrow(torch.cat(self._groups).cpu())]  # type: ignore[arg-type]
             return self._groups[0]
         return None
 
