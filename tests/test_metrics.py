@@ -135,10 +135,45 @@ def test_accumulator_keeps_tensors_until_compute() -> None:
     acc = Accumulator({"ctr": "binary"})
     p = torch.tensor([0.2, 0.8], requires_grad=True)
     acc.update({"ctr": p * 1}, {"ctr": torch.tensor([0, 1])})
-    assert not acc._preds["ctr"][0].requires_grad  # detached: no graph kept alive
+    assert not acc._preds["ctr"].tensor().requires_grad  # detached: no graph kept alive
     out = acc.compute()
     assert set(out["ctr"]) == {"auc", "logloss", "n"}  # no groups given: no gauc
     assert out["ctr"]["auc"] == 1.0
+
+
+def test_accumulator_columns_cross_chunks_widen_and_backfill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny chunks (Note [Evaluation buffers]): batches cut across chunk ends and doublings give the same
+    rows; group ids widen from int32 to int64 when a batch's do not fit; a mask first given at the third
+    batch counts the rows before it in; a batch without groups drops gauc."""
+    import mtldsl.runtime.metrics as metrics
+
+    monkeypatch.setattr(metrics, "CHUNK_BYTES", 28)  # 7 float32 rows, 28 uint8/bool rows
+    monkeypatch.setattr(metrics, "FIRST_ROWS", 2)
+    g = torch.Generator().manual_seed(1)
+    n = 103
+    ctr, cvr = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    click = (torch.rand(n, generator=g) < 0.5).float()
+    buy = click * (torch.rand(n, generator=g) < 0.5).float()
+    users = torch.randint(0, 9, (n,), generator=g)
+    users[60:] += 2**40  # a later batch's ids do not fit int32
+    acc = Accumulator({"ctr": "binary", "cvr@click": "binary"})
+    cuts = [0, 5, 6, 30, 31, 60, 88, n]
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        acc.update({"ctr": ctr[a:b], "cvr@click": cvr[a:b]}, {"ctr": click[a:b], "cvr@click": buy[a:b]},
+                   groups=users[a:b], masks={"cvr@click": click[a:b]} if i >= 2 else None)
+    assert len(acc._preds["ctr"]) == n and len(acc._preds["ctr"].full) > 1
+    out = acc.compute()
+    assert acc._groups is not None and acc._groups.dtype == torch.int64
+    assert out["ctr"] == pytest.approx(
+        {"auc": auc(ctr, click), "logloss": logloss(ctr, click), "gauc": gauc(ctr, click, users), "n": n})
+    on = torch.ones(n, dtype=torch.bool)
+    on[cuts[2]:] = click[cuts[2]:] == 1
+    assert out["cvr@click"] == pytest.approx(
+        {"auc": auc(cvr[on], buy[on]), "logloss": logloss(cvr[on], buy[on]), "gauc": gauc(cvr[on], buy[on], users[on]),
+         "n": float(on.sum())})
+    assert acc.compute() == out  # the concatenated columns are kept: compute() again gives the same
+    acc.update({"ctr": ctr[:4], "cvr@click": cvr[:4]}, {"ctr": click[:4], "cvr@click": buy[:4]})
+    assert "gauc" not in acc.compute()["ctr"] and acc.compute()["ctr"]["n"] == n + 4
 
 
 def test_accumulator_errors() -> None:
@@ -151,6 +186,12 @@ def test_accumulator_errors() -> None:
         acc.update({"ctr": torch.rand(3), "cvr": torch.rand(3)}, {"ctr": torch.ones(3), "cvr": torch.ones(3)}, masks={"ctcvr": torch.ones(3)})
     with pytest.raises(ValueError, match="output 'ctr': 3 predictions but 2 labels"):
         acc.update({"ctr": torch.rand(3), "cvr": torch.rand(3)}, {"ctr": torch.ones(2), "cvr": torch.ones(3)})
+    with pytest.raises(ValueError, match="outputs differ in rows: ctr 3, cvr 2"):
+        acc.update({"ctr": torch.rand(3), "cvr": torch.rand(2)}, {"ctr": torch.ones(3), "cvr": torch.ones(2)})
+    with pytest.raises(ValueError, match="3 predictions but 4 group ids"):
+        acc.update({"ctr": torch.rand(3), "cvr": torch.rand(3)}, {"ctr": torch.ones(3), "cvr": torch.ones(3)},
+                   groups=torch.arange(4))
+    assert acc.rows == 0 and len(acc._preds["ctr"]) == 0  # a rejected batch copies nothing
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -222,15 +222,107 @@ def _narrow(ids: Tensor) -> Tensor:
     return ids
 
 
+# Note [Evaluation buffers]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~
+# An ESMM evaluation over Ali-CCP's 43M test rows keeps ~25 bytes per row (four outputs' float32
+# predictions and uint8 labels, one bool mask, an int32 group id): ~1.1 GB, which is the floor. Kept
+# as ~13 small tensors per batch, it cost ~140 bytes per row inside `train`: training has raised
+# glibc's dynamic mmap threshold, so each batch's large temporaries (the batch read from the maps, the
+# activations) came from the heap too, between the kept tensors, and the freed gaps did not fit the
+# next ones (an 8.15 GiB peak at full size, against ~0.8 GB while training). So `_Column` copies each
+# batch into preallocated chunks instead: capacity doubles from 64k rows up to CHUNK_BYTES (64 MiB),
+# then further chunks of that size, above glibc's largest mmap threshold (32 MiB), so the kept rows
+# do not interleave with a batch's temporaries, and untouched capacity is never resident (full-size
+# ESMM epoch and test evaluation: 2.49 GB peak). The copies are device-side `copy_`/`fill_` of known
+# sizes: no host sync on CUDA.
+
+CHUNK_BYTES = 64 << 20  # the largest chunk of an evaluation column (Note [Evaluation buffers])
+FIRST_ROWS = 1 << 16  # a column's first chunk, doubled while below CHUNK_BYTES
+
+
+class _Column:
+    """One 1-D column of rows growing batch by batch in preallocated chunks (Note [Evaluation buffers]).
+
+    A given dtype is kept: batches are cast on copy, as .to() would. dtype None takes the first batch's,
+    and a later batch of a wider integer dtype (int64 group ids after int32 ones) widens the rows so far.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self.widens = dtype is None
+        self.full: list[Tensor] = []  # chunks filled to the end
+        self.cur: Tensor | None = None  # the chunk being filled, rows [0, fill)
+        self.fill = 0
+
+    def __len__(self) -> int:
+        return sum(t.numel() for t in self.full) + self.fill
+
+    def append(self, t: Tensor) -> None:
+        """Copy a batch's rows to the end."""
+        t = t.detach().reshape(-1)
+        if self.dtype is None:
+            self.dtype = t.dtype
+        elif self.widens and torch.promote_types(self.dtype, t.dtype) != self.dtype:
+            self._widen(torch.promote_types(self.dtype, t.dtype))
+        self._write(t.numel(), t.device, lambda dst, i: dst.copy_(t[i:i + dst.numel()]))
+
+    def pad(self, n: int, value: bool | float, device: torch.device) -> None:
+        """Append n rows of one value."""
+        self._write(n, device, lambda dst, i: dst.fill_(value))
+
+    def _write(self, n: int, device: torch.device, put) -> None:
+        i = 0
+        while i < n:
+            if self.cur is None or self.fill == self.cur.numel():
+                self._grow(n - i, device)
+            assert self.cur is not None
+            k = min(n - i, self.cur.numel() - self.fill)
+            put(self.cur[self.fill:self.fill + k], i)
+            self.fill += k
+            i += k
+
+    def _grow(self, need: int, device: torch.device) -> None:
+        assert self.dtype is not None
+        most = max(1, CHUNK_BYTES // self.dtype.itemsize)
+        if self.cur is None:
+            self.cur, self.fill = torch.empty(min(most, max(need, FIRST_ROWS)), dtype=self.dtype, device=device), 0
+        elif self.cur.numel() < most:  # double (at least to hold the batch), copying the rows so far
+            bigger = torch.empty(min(most, max(2 * self.cur.numel(), self.fill + need)), dtype=self.dtype, device=device)
+            bigger[:self.fill].copy_(self.cur[:self.fill])
+            self.cur = bigger
+        else:
+            self.full.append(self.cur)
+            self.cur, self.fill = torch.empty(most, dtype=self.dtype, device=device), 0
+
+    def _widen(self, dtype: torch.dtype) -> None:
+        self.full = [t.to(dtype) for t in self.full]
+        if self.cur is not None:
+            self.cur = self.cur[:self.fill].to(dtype)
+        self.dtype = dtype
+
+    def tensor(self, convert=lambda t: t) -> Tensor:
+        """All rows as one CPU tensor, through `convert` once, kept in place of the chunks (one copy of the
+        column at a time; the next call returns it as it is)."""
+        parts = [*self.full, *([] if self.cur is None else [self.cur[:self.fill]])]
+        if not parts:
+            return torch.empty(0, dtype=self.dtype)
+        self.full = []
+        self.cur = convert((parts[0] if len(parts) == 1 else torch.cat(parts)).cpu())
+        del parts
+        self.dtype, self.fill = self.cur.dtype, self.cur.numel()
+        return self.cur
+
+
 class Accumulator:
     """Collects predictions and labels per output across batches, on their device; computes metrics at the end.
 
-    kinds: {output name: "binary" | "regression"} (or a TaskKind). Each `update` appends detached
-    tensors (no `.item()`, no host sync); `compute` concatenates once, moves to the CPU and returns
-    {name: {"auc", "logloss", "gauc"?, "n"} | {"mse", "mae", "n"}}. gauc is reported when groups were
-    passed to every update. `masks[name]` (0/1 or bool per row) restricts an output to a domain, e.g. the
-    CVR evaluation on clicked rows: register it under its own name ("cvr@click") and pass the click label
-    as its mask.
+    kinds: {output name: "binary" | "regression"} (or a TaskKind). Each `update` copies the batch into
+    preallocated chunks (Note [Evaluation buffers]; no `.item()`, no host sync); `compute` concatenates
+    once, moves to the CPU and returns {name: {"auc", "logloss", "gauc"?, "n"} | {"mse", "mae", "n"}}.
+    Binary labels are kept as uint8, masks as bool, group ids as int32 while they fit. gauc is reported
+    when groups were passed to every update. `masks[name]` (0/1 or bool per row) restricts an output to a
+    domain, e.g. the CVR evaluation on clicked rows: register it under its own name ("cvr@click") and
+    pass the click label as its mask.
     """
 
     def __init__(self, kinds: Mapping[str, object]) -> None:
@@ -238,10 +330,11 @@ class Accumulator:
         self.reset()
 
     def reset(self) -> None:
-        self._preds: dict[str, list[Tensor]] = {n: [] for n in self.kinds}
-        self._labels: dict[str, list[Tensor]] = {n: [] for n in self.kinds}
-        self._masks: dict[str, list[Tensor | None]] = {n: [] for n in self.kinds}
-        self._groups: list[Tensor | None] = []
+        self.rows = 0
+        self._preds = {n: _Column(torch.float32) for n in self.kinds}
+        self._labels = {n: _Column(torch.uint8 if k is TaskKind.binary else torch.float32) for n, k in self.kinds.items()}
+        self._masks: dict[str, _Column | None] = {n: None for n in self.kinds}  # made at the first mask
+        self._groups: _Column | None = _Column()  # None once a batch came without groups
 
     def update(
         self,
@@ -260,50 +353,52 @@ class Accumulator:
         unknown = [n for n in masks if n not in self.kinds]
         if unknown:
             raise KeyError(f"masks for unregistered outputs: {', '.join(unknown)}")
-        for n, kind in self.kinds.items():
-            p = preds[n].detach().reshape(-1).to(torch.float32, copy=True)  # a copy: an output may view a larger tensor
-            y = labels[n].detach().reshape(-1)
-            y = y.to(torch.uint8) if kind is TaskKind.binary else y.float()  # binary labels are 0/1 (the loader checks)
-            if p.shape != y.shape:
-                raise ValueError(f"output '{n}': {p.numel()} predictions but {y.numel()} labels")
-            self._preds[n].append(p)
-            self._labels[n].append(y)
-            m = masks.get(n)
-            self._masks[n].append(None if m is None else m.detach().reshape(-1).to(torch.bool))
-        self._groups.append(None if groups is None else _narrow(groups.detach().reshape(-1)))
-
-    def _cat(self, name: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """One output's predictions, labels, groups and mask, concatenated on the CPU (and kept so, in place of
-        its batches: one copy of each column at a time, and compute() may be called again)."""
-        p = torch.cat(self._preds[name]).cpu()
-        y = torch.cat(self._labels[name]).cpu()
-        mask = None
-        if any(m is not None for m in self._masks[name]):
-            parts = [
-                torch.ones(t.numel(), dtype=torch.bool, device=t.device) if m is None else m
-                for m, t in zip(self._masks[name], self._preds[name])
-            ]
-            mask = torch.cat(parts).cpu()
-        self._preds[name], self._labels[name], self._masks[name] = [p], [y], [mask]
-        return p, y, self._all_groups(), mask
+        sizes = {n: preds[n].numel() for n in self.kinds}
+        for n, size in sizes.items():  # every check before any copy: a bad batch leaves the columns aligned
+            for what, t in (("labels", labels[n]), ("mask rows", masks.get(n))):
+                if t is not None and t.numel() != size:
+                    raise ValueError(f"output '{n}': {size} predictions but {t.numel()} {what}")
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"outputs differ in rows: {', '.join(f'{n} {k}' for n, k in sizes.items())}")
+        batch = next(iter(sizes.values()), 0)
+        if groups is not None and groups.numel() != batch:
+            raise ValueError(f"{batch} predictions but {groups.numel()} group ids")
+        for n in self.kinds:
+            self._preds[n].append(preds[n])  # a copy: an output may view a larger tensor
+            self._labels[n].append(labels[n])  # binary labels are 0/1 (the loader checks): cast to uint8
+            m, col = masks.get(n), self._masks[n]
+            if m is not None and col is None:
+                col = self._masks[n] = _Column(torch.bool)
+                col.pad(self.rows, True, m.device)  # rows before the first mask are all in
+            if col is not None:
+                if m is None:
+                    col.pad(batch, True, preds[n].device)
+                else:
+                    col.append(m)  # nonzero -> True
+        if self._groups is not None:
+            if groups is None:
+                self._groups = None
+            else:
+                self._groups.append(_narrow(groups.detach().reshape(-1)))
+        self.rows += batch
 
     def _all_groups(self) -> Tensor | None:
-        """Every row's group, concatenated once for all outputs (int32 while the ids fit: _narrow; gauc reads
+        """Every row's group on the CPU, once for all outputs (int32 while the ids fit: _narrow; gauc reads
         them as they are, Note [Packed sort keys])."""
-        if self._groups and all(t is not None for t in self._groups):
-            if len(self._groups) > 1 or self._groups[0].device.type != "cpu":
-                self._groups = [_narrow(torch.cat(self._groups).cpu())]  # type: ignore[arg-type]
-            return self._groups[0]
-        return None
+        if self._groups is None or not self.rows:
+            return None
+        return self._groups.tensor(_narrow)
 
     def compute(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         for name, kind in self.kinds.items():
-            if not self._preds[name]:
+            if not self.rows:
                 out[name] = {"n": 0.0}
                 continue
-            p, y, g, mask = self._cat(name)
-            if mask is not None:
+            p, y, g = self._preds[name].tensor(), self._labels[name].tensor(), self._all_groups()
+            col = self._masks[name]
+            if col is not None:
+                mask = col.tensor()
                 p, y = p[mask], y[mask]
                 g = None if g is None else g[mask]
             if kind is TaskKind.binary:
