@@ -488,3 +488,45 @@ def test_progress_bar_shows_rows_per_second(tmp_path, monkeypatch) -> None:
     text = shown.getvalue()
     assert "count sample_skeleton_train.csv" in text and "write sample_skeleton_test.csv" in text
     assert re.search(r"[\d,]+ rows, [\d,]+ rows/s", text)
+
+
+# --- StringIndex (Note [String index]) ------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mtldsl.runtime import prepare_join as J  # noqa: E402
+
+_texts = st.text(alphabet=st.sampled_from(["a", "b", "0", "1", "é", "\x00", "-", "7"]), max_size=20)
+
+
+def _brute(values: list[str], keys: list[str]) -> list[int]:
+    at = {k: i for i, k in enumerate(keys)}
+    return [at.get(v, -1) for v in values]
+
+
+@settings(max_examples=150, deadline=None)
+@given(keys=st.lists(_texts, unique=True, max_size=40), values=st.lists(_texts, max_size=60), cut=st.integers(0, 5))
+def test_string_index_finds_what_a_dict_finds(keys: list[str], values: list[str], cut: int) -> None:
+    """Exact on any strings: empty ones, NULs inside and at the end, multi-byte text, prefixes of keys;
+    and on sliced arrays (a non-zero offset), as chunks of a column are."""
+    index = J.StringIndex(pa.array(keys, pa.string()))
+    sliced = pa.array(["pad"] * cut + values, pa.string()).slice(cut)
+    assert index(sliced).tolist() == _brute(values, keys)
+
+
+def test_string_index_fixed_width_keys_wide_keys_and_collisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    keys = [f"{x:016x}" for x in rng.choice(1 << 40, 5000, replace=False)]  # 16 bytes each: the no-copy path
+    values = [keys[i] if i % 3 else f"{i:016x}" for i in rng.integers(0, 5000, 3000)] + ["", keys[0][:8], keys[1] + "0"]
+    index = J.StringIndex(pa.array(keys))
+    assert index.table is not None
+    assert index(pa.array(values)).tolist() == _brute(values, keys)
+    assert index(pa.chunked_array([pa.array(values[:10]), pa.array(values[10:])])).tolist() == _brute(values, keys)
+    wide = ["x" * (J.MAX_KEY_BYTES + 1), "short"]
+    assert J.StringIndex(pa.array(wide)).table is None  # too wide: `positions` does it
+    assert J.StringIndex(pa.array(wide))(pa.array(["short", "x", wide[0]])).tolist() == [1, -1, 0]
+    monkeypatch.setattr(J, "_hash", lambda words, lengths: np.zeros(len(lengths), dtype=np.uint64))
+    same = J.StringIndex(pa.array(keys[:50]))
+    assert same.table is None  # keys of equal hash: `positions` does it, with the same answers
+    assert same(pa.array(values)).tolist() == _brute(values, keys[:50])

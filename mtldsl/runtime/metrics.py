@@ -233,7 +233,7 @@ def _narrow(ids: Tensor) -> Tensor:
 # batch into preallocated chunks instead: capacity doubles from 64k rows up to CHUNK_BYTES (64 MiB),
 # then further chunks of that size, above glibc's largest mmap threshold (32 MiB), so the kept rows
 # do not interleave with a batch's temporaries, and untouched capacity is never resident (full-size
-# ESMM epoch and test evaluation: 2.49 GB peak). The copies are device-side `copy_`/`fill_` of known
+# ESMM epoch and test evaluation: 2.37 GiB peak). The copies are device-side `copy_`/`fill_` of known
 # sizes: no host sync on CUDA.
 
 CHUNK_BYTES = 64 << 20  # the largest chunk of an evaluation column (Note [Evaluation buffers])
