@@ -127,13 +127,13 @@ class StringIndex:
             return
         self.width = max(8, -(-int(lengths.max()) // 8) * 8)
         self.words, self.lengths = _words(keys, self.width)
-        self.hashes = _hash(self.words, self.lengths)
-        if len(np.unique(self.hashes)) < len(keys):
+        hashes = _hash(self.words, self.lengths)
+        if len(np.unique(hashes)) < len(keys):
             return  # two keys of equal hash: `positions` it is
         size = 1 << max(10, (2 * len(keys) - 1).bit_length())
         self.mask = np.uint64(size - 1)
         table = np.full(size, -1, dtype=np.int32)  # key positions (a split has far fewer than 2^31 keys)
-        slot = (self.hashes & self.mask).astype(np.int64)
+        slot = (hashes & self.mask).astype(np.int64)
         pending = np.arange(len(keys))
         while len(pending):  # vectorised linear probing: per free slot the first key wanting it takes it
             want = slot[pending]
@@ -147,7 +147,7 @@ class StringIndex:
         self.table = table
         self.slot_hash = np.zeros(size, dtype=np.uint64)  # each slot's key's hash, beside it: no dependent gather
         used = table >= 0
-        self.slot_hash[used] = self.hashes[table[used]]
+        self.slot_hash[used] = hashes[table[used]]
 
     def __call__(self, values: pa.Array) -> np.ndarray:
         if isinstance(values, pa.ChunkedArray):
