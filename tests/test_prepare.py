@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -288,6 +289,56 @@ def test_bad_lines_name_file_and_line_and_publish_nothing(tmp_path) -> None:
     path.write_text("".join(lines))
     with pytest.raises(DataError, match=r"line 5: malformed feature list"):
         P.prepare_ali_ccp(raw, out, min_count=1)
+
+
+
+def test_the_train_error_wins_over_the_test_side_running_beside_it(tmp_path) -> None:
+    """The test split is read and written beside the train one (Note [Prepare threads]); errors keep today's order."""
+    raw = tmp_path / "raw"
+    write_raw(raw, n_train=60, n_test=30)
+    train = raw / "sample_skeleton_train.csv"
+    good_train = train.read_bytes()
+    lines = good_train.splitlines(keepends=True)
+    lines[6] = lines[6].replace(b",", b";", 4)
+    train.write_bytes(b"".join(lines))
+    common = raw / "common_features_test.csv"
+    bad_common = common.read_text().splitlines(keepends=True)
+    bad_common[2] = bad_common[2].rstrip("\n") + "\x01109_14\x02123\x03inf\n"  # read first, reported after pass 1
+    common.write_text("".join(bad_common))
+    for workers in (1, 2):
+        with pytest.raises(DataError, match=r"sample_skeleton_train\.csv: line 7: expected 6 comma-separated"):
+            P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1, workers=workers)
+    train.write_bytes(good_train)  # the train files are good now: the test common file's error is reported
+    with pytest.raises(DataError, match=r"common_features_test\.csv: line 3: field 109_14: .*got 'inf'"):
+        P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1)
+    assert not list((tmp_path / "out").glob(".prepare-*"))
+
+
+def test_a_failing_train_side_stops_the_test_side(tmp_path, monkeypatch) -> None:
+    raw = _raw_with(tmp_path, lambda ls: ls.__setitem__(3, ls[3].replace(b",", b";", 4)))
+    seen: list[str] = []
+    real_read = J.CommonTable.read
+
+    def read(path, *args, **kwargs):
+        if path.name != "common_features_test.csv":
+            return real_read(path, *args, **kwargs)
+        progress = args[3]  # the test side polls its progress until the train side fails
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                progress(0, 0)
+            except P._Stopped:
+                seen.append("stopped")
+                raise
+            time.sleep(0.01)
+        seen.append("not stopped")
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(J.CommonTable, "read", staticmethod(read))
+    with pytest.raises(DataError, match=r"sample_skeleton_train\.csv: line 4: expected 6 comma-separated"):
+        P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1)
+    assert seen == ["stopped"]
+    assert not list((tmp_path / "out").glob(".prepare-*"))
 
 
 def _features(text: str, wanted: set[str]) -> dict[str, tuple[str, str]]:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_prepare import BEHAVIOUR, write_raw
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from mtldsl.catalog import ALI_CCP_LISTS, KNOWN_DATASETS, schema_for
 from mtldsl.runtime import prepare as P
+from mtldsl.runtime import prepare_join as J
 from mtldsl.runtime.data import load_dataset
 
 MIN_COUNT = 3
@@ -157,3 +159,33 @@ def test_workers_and_blocks_do_not_change_the_lists(both, tmp_path) -> None:
                                   block_size=block, workers=workers)
         for name in ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "schema.json"):
             assert (again.out / name).read_bytes() == (full.out / name).read_bytes(), (workers, name)
+
+
+def test_arrow_list_take_equals_the_numpy_path() -> None:
+    """Note [List rows]: rows whose lists come from their common line (or are empty) take Arrow's list gather; a
+    selection with a row of its own entries takes the numpy path. Both give the same arrays."""
+    rng = np.random.default_rng(0)
+    n_lines = 200
+    lengths = rng.integers(0, 6, n_lines)
+    lengths[:3] = 0  # lines without the field
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = rng.random(int(offsets[-1])).astype(np.float32)
+    common = J.CommonList(offsets, np.zeros(len(values), dtype=np.int32), values, pa.array([], pa.string()))
+    ids = rng.integers(1, 1000, len(values)).astype(np.int32)
+    fast = J.CommonIds.of(common, ids)
+    slow = J.CommonIds(common, ids, None)
+    assert fast.arrow is not None
+    n = 500
+    lines = rng.integers(-1, n_lines, n)  # -1: no common line
+    own_counts = np.zeros(n, dtype=np.int64)
+    own_counts[7] = 2  # row 7 brings its own entries (its line must lack the list)
+    lines[7] = 0
+    own_ids, own_values = np.array([11, 12], dtype=np.int32), np.array([0.5, 0.25], dtype=np.float32)
+    from_common = np.where(lines >= 0, lengths[np.maximum(lines, 0)], 0) > 0
+    for sel in (np.flatnonzero(np.arange(n) != 7), np.arange(n), rng.permutation(n)[:50], np.zeros(0, dtype=np.int64)):
+        got = [J.ListRows(c, lines, from_common, own_ids, own_values, own_counts).take(sel) for c in (fast, slow)]
+        assert got[0][0].equals(got[1][0]) and got[0][1].equals(got[1][1])
+        want = [list(ids[offsets[l]:offsets[l + 1]]) if l >= 0 else [] for l in lines[sel]]
+        want = [[11, 12] if i == 7 else w for i, w in zip(sel, want)]
+        assert got[0][0].to_pylist() == want
+        assert str(got[0][0].type) == "list<item: int32>" and str(got[0][1].type) == "list<item: float>"

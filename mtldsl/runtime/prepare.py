@@ -9,10 +9,10 @@ the input and the mapping; Note [Prepare passes] how it runs.
 
 The raw text is cut into blocks of `block_size` bytes, parsed by pyarrow's CSV parser, and every step
 runs on whole chunks (pyarrow compute kernels and numpy), never line by line (runtime/prepare_read.py),
-in `workers` threads (Note [Prepare threads]). Memory is bounded by design: workers + 1 chunks of
-skeleton rows at a time, each split's Parquet writer holds fewer than `row_group_size` rows between
-chunks, and what grows with the data is the common-features table of one split (Note [Join memory]
-in runtime/prepare_join.py) and the per-field id counts (one entry per distinct raw id, which the
+in `workers` threads per split, the test split beside the train one (Note [Prepare threads]). Memory
+is bounded by design: workers + 1 chunks of skeleton rows per split at a time, each split's Parquet
+writer holds fewer than `row_group_size` rows between chunks, and what grows with the data is the
+common-features tables of the two splits (Note [Join memory] in runtime/prepare_join.py) and the per-field id counts (one entry per distinct raw id, which the
 vocabulary needs anyway), never the number of skeleton rows.
 Outputs are written under a temporary folder in OUT and moved into place at the end, so an
 interrupted run leaves the previous files (or none), never half-written ones.
@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..catalog import ALI_CCP_LISTS, KNOWN_DATASETS, SCHEMA_FILE, DataError, DatasetNotFound, data_roots, schema_to_json
-from .prepare_join import SKELETON_COLUMNS, CommonList, CommonTable, Fields, IdCounts, Rows, Vocab, build_vocab, parse_rows
+from .prepare_join import SKELETON_COLUMNS, CommonIds, CommonTable, Fields, IdCounts, ListRows, Vocab, build_vocab, parse_rows
 from .prepare_read import Chunk, read_chunks
 
 __all__ = [
@@ -120,7 +121,7 @@ class PrepareReport:
     max_rows_buffered: int  # the most rows any writer held between chunks (< row_group_size)
     block_size: int  # bytes of raw text per chunk
     max_chunk_rows: int  # the most raw lines held at once (one chunk)
-    common_lines: dict[str, int]  # common-feature lines held for the join, per split (one split at a time)
+    common_lines: dict[str, int]  # common-feature lines held for the join, per split
     files: dict[str, str] = field(default_factory=dict)  # written file name -> path
 
 
@@ -228,8 +229,9 @@ def _find_raw(raw: Path) -> dict[str, Path]:
 
 
 # Note [Prepare passes]
-# prepare reads the common-features file of a split into memory (Note [Join memory]), then makes two
-# passes over the train skeleton and one over the test skeleton, each one chunk at a time:
+# prepare reads the common-features file of each split into memory (Note [Join memory]), then makes two
+# passes over the train skeleton and one over the test skeleton (beside the train's second: Note
+# [Prepare threads]), each one chunk at a time:
 #   1. count: parse and join the train rows, count raw ids of the train rows (val held out) and take
 #      the dense min/max; the val flag of every row (one blake2b per row, the only per-row Python) is
 #      written to a temporary file, one byte per row, so pass 2 reads it back instead of hashing again;
@@ -244,8 +246,8 @@ def _find_raw(raw: Path) -> dict[str, Path]:
 class _Bars:
     """Progress bars (tqdm on stderr, one at a time) over bytes read, with rows/s; and one-line notes."""
 
-    def __init__(self, progress: bool, log: Callable[[str], None] | None) -> None:
-        self.progress, self.log = progress, log
+    def __init__(self, progress: bool, log: Callable[[str], None] | None, position: int = 0) -> None:
+        self.progress, self.log, self.position = progress, log, position  # position: the terminal line of the bar
         self.bars: list[Any] = []
 
     def close(self) -> None:
@@ -267,7 +269,7 @@ class _Bars:
         self.close()
         # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
         b = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=what, leave=False, dynamic_ncols=True,
-                 disable=None)
+                 disable=None, position=self.position)
         self.bars.append(b)
 
         def update(done: int, rows: int) -> None:
@@ -276,6 +278,22 @@ class _Bars:
             b.set_postfix_str(f"{rows:,} rows, {rows / elapsed if elapsed > 0 else 0:,.0f} rows/s")
 
         return update
+
+
+class _Stopped(Exception):
+    """The other half of a prepare failed: this one stops at its next block (Note [Prepare threads])."""
+
+
+def _stoppable(progress: Callable[[int, int], None] | None, stop: threading.Event) -> Callable[[int, int], None]:
+    """`progress`, raising _Stopped once `stop` is set: read_chunks and CommonTable.read call it after every block."""
+
+    def update(done: int, rows: int) -> None:
+        if stop.is_set():
+            raise _Stopped
+        if progress is not None:
+            progress(done, rows)
+
+    return update
 
 
 @dataclass
@@ -295,6 +313,13 @@ class _TrainCounts:
 # chunks in flight, and the results are taken in file order. So the counts, the row order, the written
 # bytes and the error reported (the first bad line in file order, also when reading a later block
 # fails) do not depend on the number of workers; memory grows by one chunk per worker.
+# The test split runs beside the train split, in a second thread with workers of its own: its common
+# features are read while the train ones are read and counted, and its rows are mapped and written
+# while the train rows are. Each split has its own Parquet writer, which encodes on the thread that
+# feeds it (~4 us a row, three quarters of it the list columns); one writer could not keep two cores
+# busy. The test common table is taken only after pass 1 and the test pass's result only after
+# the train pass, so the error reported is still the first in today's order; when the train side
+# fails, the test side stops at its next block (`_stoppable`). Memory holds both common tables.
 
 
 def _in_order(jobs: Iterator[Callable[[], _T]], workers: int) -> Iterator[_T]:
@@ -408,7 +433,7 @@ class _Mapped:
 
 
 def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonTable, common_ids: Mapping[int, np.ndarray],
-               fields: Fields, vocab: Sequence[Vocab], train: _TrainCounts, schema: pa.Schema) -> _Mapped:
+               list_ids: Mapping[int, CommonIds], fields: Fields, vocab: Sequence[Vocab], train: _TrainCounts, schema: pa.Schema) -> _Mapped:
     """Map ids through the vocabulary and scale dense values: the chunk's rows for train/val (or test)."""
     n = len(chunk)
     rows = parse_rows(chunk, common, fields)
@@ -427,7 +452,7 @@ def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonT
         if own.any():
             ids[s, own] = vocab[s].lookup(rows.entries.ids(e[own]))
     dense = [_scale(rows.dense[d], float(train.lo[d]), float(train.hi[d])) for d in range(len(fields.dense))]
-    lists = [_ListRows.of(rows, j, common, common_ids[j], vocab[s])
+    lists = [ListRows.of(rows, j, common, list_ids[j], vocab[s])
              for s, j in enumerate(fields.lists, len(fields.sparse))]
     targets = {split: rows.keep} if val is None else {"train": rows.keep & (val == 0), "val": rows.keep & (val != 0)}
     tables = {}
@@ -441,68 +466,27 @@ def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonT
     return _Mapped(n, tables, skipped)
 
 
-def _ragged(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 for every i, concatenated."""
-    ends = np.cumsum(lengths)
-    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
-
-
-@dataclass
-class _ListRows:
-    """One list field of a chunk's rows: each row's entries, from its common line or else its own (model ids, weights)."""
-
-    common: CommonList
-    common_ids: np.ndarray  # model id of each entry of the common file
-    lines: np.ndarray
-    from_common: np.ndarray  # per row: the common line holds the list
-    own_ids: np.ndarray  # model ids of the rows' own entries, in row order
-    own_values: np.ndarray  # float32
-    own_counts: np.ndarray  # int64 per row
-
-    @classmethod
-    def of(cls, rows: Rows, j: int, common: CommonTable, common_ids: np.ndarray, vocab: Vocab) -> _ListRows:
-        own = rows.own_lists[j]
-        cl = common.lists[j]
-        return cls(cl, common_ids, rows.lines, cl.lengths(rows.lines) > 0, vocab.lookup(rows.entries.ids(own.entry)),
-                   own.values.astype(np.float32), own.counts)
-
-    def take(self, sel: np.ndarray) -> tuple[pa.Array, pa.Array]:
-        """The rows `sel`: list<int32> ids and list<float32> weights."""
-        c = self.from_common[sel]
-        lengths = np.where(c, self.common.lengths(self.lines[sel]), self.own_counts[sel])
-        out = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
-        ids = np.empty(int(out[-1]), dtype=np.int32)
-        weights = np.empty(int(out[-1]), dtype=np.float32)
-        own_start = (np.cumsum(self.own_counts) - self.own_counts)[sel]
-        for rows, starts, src_ids, src_values in (
-                (np.flatnonzero(c), self.common.offsets[np.maximum(self.lines[sel], 0)], self.common_ids,
-                 self.common.values),
-                (np.flatnonzero(~c), own_start, self.own_ids, self.own_values)):
-            src, dst = _ragged(starts[rows], lengths[rows]), _ragged(out[rows], lengths[rows])
-            ids[dst], weights[dst] = src_ids[src], src_values[src]
-        offsets = pa.array(out.astype(np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(ids)), pa.ListArray.from_arrays(offsets, pa.array(weights))
-
-
 def _write_skeleton(skeleton: Path, split: str, common: CommonTable, fields: Fields, vocab: Sequence[Vocab],
                     train: _TrainCounts, writers: Mapping[str, _SplitWriter], val_in: BinaryIO | None,
                     skipped: Counter[str], block_size: int, workers: int,
                     progress: Callable[[int, int], None] | None) -> int:
     """Pass 2 over one skeleton file: map ids, scale dense values, append rows to the split writers."""
     common_ids = {}  # wanted field position -> model id of each common line's entry (0 when absent)
+    list_ids = {}  # list field position -> model ids of every common entry
     for s, j in enumerate(fields.sparse):
         if j in common.codes:
             per_id = np.concatenate([vocab[s].lookup(common.dictionary[j]), np.zeros(1, dtype=np.int32)])
             common_ids[j] = per_id[common.codes[j]]  # code -1 takes the trailing 0
     for s, j in enumerate(fields.lists, len(fields.sparse)):  # list fields: model id of every common entry
         cl = common.lists[j]
-        common_ids[j] = vocab[s].lookup(cl.dictionary)[cl.codes] if len(cl.codes) else np.zeros(0, dtype=np.int32)
+        list_ids[j] = CommonIds.of(cl, vocab[s].lookup(cl.dictionary)[cl.codes] if len(cl.codes)
+                                    else np.zeros(0, dtype=np.int32))
     schema = writers["test"].schema
 
     def jobs() -> Iterator[Callable[[], _Mapped]]:
         for chunk in read_chunks(skeleton, SKELETON_COLUMNS, block_size, progress):
             val = None if val_in is None else np.frombuffer(val_in.read(len(chunk)), dtype=np.uint8)
-            yield partial(_map_chunk, chunk, val, split, common, common_ids, fields, vocab, train, schema)
+            yield partial(_map_chunk, chunk, val, split, common, common_ids, list_ids, fields, vocab, train, schema)
 
     max_rows = 0
     for part in _in_order(jobs(), workers):
@@ -526,11 +510,29 @@ def _write_vocab(path: Path, sparse: Sequence[str], vocab: Sequence[Vocab]) -> N
     pq.write_table(vocab_table, str(path))
 
 
-def _read_common(path: Path, fields: Fields, block_size: int, bars: _Bars) -> CommonTable:
-    common = CommonTable.read(path, fields.array(), fields.dense, block_size, bars.bar(path, f"index {path.name}"),
-                              fields.lists)
-    bars.say(f"indexed {common.n_lines} common-feature lines of {path.name}")
-    return common
+def _read_common(path: Path, fields: Fields, block_size: int, bars: _Bars, stop: threading.Event) -> CommonTable:
+    return CommonTable.read(path, fields.array(), fields.dense, block_size,
+                            _stoppable(bars.bar(path, f"index {path.name}"), stop), fields.lists)
+
+
+def _table_schema(schema: Any) -> pa.Schema:
+    """The columns of train/val/test.parquet: labels, sparse ids, list ids and weights, dense values."""
+    return pa.schema([(c, pa.int8()) for c in LABELS] + [(f, pa.int32()) for f in schema.sparse]
+                     + [c for f in schema.lists for c in ((f, pa.list_(pa.int32())),
+                                                          (schema.list_weights[f], pa.list_(pa.float32())))]
+                     + [(d, pa.float32()) for d in schema.dense])
+
+
+def _say_skipped(bars: _Bars, skipped: Counter[str]) -> None:
+    if skipped[_NOISE]:
+        bars.say(f"dropped {skipped[_NOISE]} rows with click=0, purchase=1")
+    if skipped[_NO_COMMON]:
+        bars.say(f"{skipped[_NO_COMMON]} rows have a common_feature_index missing from the common-features file: "
+                 "their user fields are 0")
+
+
+def _indexed(common: CommonTable) -> str:
+    return f"indexed {common.n_lines} common-feature lines of {common.path.name}"
 
 
 def _remove_stale(out: Path) -> None:
@@ -646,9 +648,14 @@ def prepare_ali_ccp(
     _remove_stale(out)
     work = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out))
     writers: dict[str, _SplitWriter] = {}
+    stop = threading.Event()  # set when this side fails: the test side stops (Note [Prepare threads])
+    side_bars = _Bars(progress, None, position=1)
+    side = ThreadPoolExecutor(1, thread_name_prefix="prepare-test")
     try:
+        test_common = side.submit(_read_common, files["common_features_test"], fields, block_size, side_bars, stop)
         # pass 1: id counts and dense ranges over the train rows
-        common = _read_common(files["common_features_train"], fields, block_size, bars)
+        common = _read_common(files["common_features_train"], fields, block_size, bars, stop)
+        bars.say(_indexed(common))
         common_lines = {"train": common.n_lines}
         skeleton = files["sample_skeleton_train"]
         with open(work / "val.flags", "wb") as val_out:
@@ -659,38 +666,34 @@ def prepare_ali_ccp(
         raw_ids = {f: v.n_raw for f, v in zip(sparse, vocab)}
         bars.say(f"counted {train.n_train} train rows: {sum(raw_ids.values())} distinct raw ids, "
                  f"{sum(vocab_sizes.values()) - len(sparse)} seen at least {min_count} times")
+        common_test = test_common.result()
+        bars.say(_indexed(common_test))
+        common_lines["test"] = common_test.n_lines
 
-        # pass 2: map and write
-        columns = ([(c, pa.int8()) for c in LABELS] + [(f, pa.int32()) for f in schema.sparse]
-                   + [c for f in schema.lists for c in ((f, pa.list_(pa.int32())),
-                                                        (schema.list_weights[f], pa.list_(pa.float32())))]
-                   + [(d, pa.float32()) for d in schema.dense])
-        table_schema = pa.schema(columns)
+        # pass 2: map and write, the test split beside the train one
+        table_schema = _table_schema(schema)
         writers.update({s: _SplitWriter(work / f"{s}.parquet", table_schema, row_group_size)
                         for s in ("train", "val", "test")})
-        skipped: Counter[str] = Counter()
-        max_rows = train.max_chunk_rows
+        skipped, skipped_test = Counter[str](), Counter[str]()  # by reason, in the order met
+        test_skeleton = files["sample_skeleton_test"]
+        test_rows = side.submit(_write_skeleton, test_skeleton, "test", common_test, fields, vocab, train, writers,
+                                None, skipped_test, block_size, workers,
+                                _stoppable(side_bars.bar(test_skeleton, f"write {test_skeleton.name}"), stop))
+        del common_test
         with open(work / "val.flags", "rb") as val_in:
-            max_rows = max(max_rows, _write_skeleton(skeleton, "train", common, fields, vocab, train, writers, val_in,
-                                                     skipped, block_size, workers, bars.bar(skeleton, f"write {skeleton.name}")))
+            max_rows = max(train.max_chunk_rows,
+                           _write_skeleton(skeleton, "train", common, fields, vocab, train, writers, val_in, skipped,
+                                           block_size, workers, bars.bar(skeleton, f"write {skeleton.name}")))
         del common
-        common = _read_common(files["common_features_test"], fields, block_size, bars)
-        common_lines["test"] = common.n_lines
-        skeleton = files["sample_skeleton_test"]
-        max_rows = max(max_rows, _write_skeleton(skeleton, "test", common, fields, vocab, train, writers, None,
-                                                 skipped, block_size, workers, bars.bar(skeleton, f"write {skeleton.name}")))
-        del common
+        max_rows = max(max_rows, test_rows.result())
+        skipped.update(skipped_test)  # train's reasons first
         for w in writers.values():
             w.close()
         for s, w in writers.items():
             if w.written == 0:
                 raise DataError(f"no {s} rows were written (check the raw files and --val-share)")
         rows = {s: w.written for s, w in writers.items()}
-        if skipped[_NOISE]:
-            bars.say(f"dropped {skipped[_NOISE]} rows with click=0, purchase=1")
-        if skipped[_NO_COMMON]:
-            bars.say(f"{skipped[_NO_COMMON]} rows have a common_feature_index missing from the common-features file: "
-                     "their user fields are 0")
+        _say_skipped(bars, skipped)
 
         dense_range = _write_side_files(work, files, schema, vocab, train, rows, skipped, min_count, val_share)
         report = PrepareReport(
@@ -712,7 +715,12 @@ def prepare_ali_ccp(
         written = _publish(work, out, ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "prepare.json",
                                        SCHEMA_FILE))
         return replace(report, files=written)
+    except BaseException:
+        stop.set()
+        raise
     finally:
+        side.shutdown(wait=True)  # the test side has stopped (or finished) before its files are removed
+        side_bars.close()
         bars.close()
         for w in writers.values():
             w.abandon()

@@ -23,15 +23,16 @@ import pyarrow.compute as pc
 from ..catalog import DataError
 from .prepare_read import Chunk, Entries, parse_entries, read_chunks, to_float
 
-__all__ = ["SKELETON_COLUMNS", "CommonList", "CommonTable", "Fields", "IdCounts", "OwnList", "Rows", "Vocab", "build_vocab", "malformed_message",
-           "StringIndex", "list_values", "parse_rows", "positions"]
+__all__ = ["SKELETON_COLUMNS", "CommonIds", "CommonList", "CommonTable", "Fields", "IdCounts", "ListRows", "OwnList", "Rows",
+           "StringIndex", "Vocab", "build_vocab", "list_values", "malformed_message", "parse_rows", "positions", "ragged"]
 
 SKELETON_COLUMNS = ("sample_id", "click", "purchase", "common_feature_index", "num_features", "feature_list")
 
 # Note [Join memory]
-# The common-features file of a split is held in memory, one split at a time, and only for the wanted
-# fields: per line an int32 dictionary code for each field that occurs in the file (the distinct raw ids
-# once, in a dictionary per field), a float64 for each dense field that occurs, and the line's key.
+# The common-features file of each split is held in memory (both at once: Note [Prepare threads] in
+# runtime/prepare.py), and only for the wanted fields: per line an int32 dictionary code for each field
+# that occurs in the file (the distinct raw ids once, in a dictionary per field), a float64 for each
+# dense field that occurs, and the line's key.
 # The real files have ~730k lines with 9 profile and 4 behaviour fields: 13 * 4 B + 4 * 8 B + ~20 B of
 # key per line, about 75 MB, plus ~10 MB of distinct ids. The skeleton is never held beyond one chunk.
 # A chunk is joined without building a hash table of the common keys (which would cost one insert per
@@ -489,3 +490,76 @@ def _bad_entry(entries: Entries, own: OwnList, i: int) -> str | None:
     assert entries.row is not None
     hit = np.flatnonzero((entries.row[own.entry] == i) & ~np.isfinite(own.values))
     return None if not len(hit) else entries.values(own.entry[hit[:1]]).to_pylist()[0]
+
+
+def ragged(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 for every i, concatenated."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
+
+
+# Note [List rows]
+# A list field's rows nearly always take their list from their common line (the behaviour fields are
+# user-side), so a chunk's lists are Arrow's `take` of the common file's lists, by line: one C++ gather
+# that copies each row's entries as a run (~0.1 us a row for the 4 lists). The numpy path, which places
+# every entry by index, is kept for chunks where a row holds its own entries; both give the same arrays.
+
+
+@dataclass
+class CommonIds:
+    """One list field of a common-features file with its entries mapped to model ids, and the same as Arrow lists
+    (ids, weights) with one row per line and a trailing empty one (Note [List rows]); None if the offsets overflow int32."""
+
+    common: CommonList
+    ids: np.ndarray  # int32 model id of each entry
+    arrow: tuple[pa.ListArray, pa.ListArray] | None
+
+    @classmethod
+    def of(cls, common: CommonList, ids: np.ndarray) -> CommonIds:
+        if common.offsets[-1] >= 2**31:
+            return cls(common, ids, None)
+        offsets = pa.array(np.append(common.offsets, common.offsets[-1]).astype(np.int32))
+        return cls(common, ids, (pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
+                                 pa.ListArray.from_arrays(offsets, pa.array(common.values, pa.float32()))))
+
+
+@dataclass
+class ListRows:
+    """One list field of a chunk's rows: each row's entries, from its common line or else its own (model ids, weights)."""
+
+    common: CommonIds
+    lines: np.ndarray
+    from_common: np.ndarray  # per row: the common line holds the list
+    own_ids: np.ndarray  # model ids of the rows' own entries, in row order
+    own_values: np.ndarray  # float32
+    own_counts: np.ndarray  # int64 per row
+
+    @classmethod
+    def of(cls, rows: Rows, j: int, common: CommonTable, common_ids: CommonIds, vocab: Vocab) -> ListRows:
+        own = rows.own_lists[j]
+        cl = common.lists[j]
+        return cls(common_ids, rows.lines, cl.lengths(rows.lines) > 0, vocab.lookup(rows.entries.ids(own.entry)),
+                   own.values.astype(np.float32), own.counts)
+
+    def take(self, sel: np.ndarray) -> tuple[pa.Array, pa.Array]:
+        """The rows `sel`: list<int32> ids and list<float32> weights."""
+        c = self.from_common[sel]
+        if self.common.arrow is not None and not self.own_counts[sel][~c].any():  # Note [List rows]
+            lines = self.lines[sel]
+            at = pa.array(np.where(lines >= 0, lines, len(self.common.common.offsets) - 1))  # -1: the empty row
+            ids, weights = self.common.arrow
+            return ids.take(at), weights.take(at)
+        cl = self.common.common
+        lengths = np.where(c, cl.lengths(self.lines[sel]), self.own_counts[sel])
+        out = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
+        ids_out = np.empty(int(out[-1]), dtype=np.int32)
+        weights_out = np.empty(int(out[-1]), dtype=np.float32)
+        own_start = (np.cumsum(self.own_counts) - self.own_counts)[sel]
+        for rows, starts, src_ids, src_values in (
+                (np.flatnonzero(c), cl.offsets[np.maximum(self.lines[sel], 0)], self.common.ids, cl.values),
+                (np.flatnonzero(~c), own_start, self.own_ids, self.own_values)):
+            src, dst = ragged(starts[rows], lengths[rows]), ragged(out[rows], lengths[rows])
+            ids_out[dst], weights_out[dst] = src_ids[src], src_values[src]
+        offsets = pa.array(out.astype(np.int32))
+        return (pa.ListArray.from_arrays(offsets, pa.array(ids_out)),
+                pa.ListArray.from_arrays(offsets, pa.array(weights_out)))
