@@ -435,7 +435,8 @@ class _Mapped:
 
 
 def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonTable, common_ids: Mapping[int, np.ndarray],
-               list_ids: Mapping[int, CommonIds], fields: Fields, vocab: Sequence[Vocab], train: _TrainCounts, schema: pa.Schema) -> _Mapped:
+               list_ids: Mapping[int, CommonIds], fields: Fields, vocab: Sequence[Vocab], train: _TrainCounts,
+               schema: pa.Schema) -> _Mapped:
     """Map ids through the vocabulary and scale dense values: the chunk's rows for train/val (or test)."""
     n = len(chunk)
     rows = parse_rows(chunk, common, fields)
@@ -626,9 +627,10 @@ def prepare_ali_ccp(
     See Note [Ali-CCP raw format] for the mapping and Note [Prepare passes] for how it runs. `min_count`:
     raw ids seen fewer times in train map to 0; `val_share`: share of the train skeleton held out as val;
     `row_group_size`: rows per Parquet row group; `block_size`: bytes of raw text per chunk (with the
-    common-features table, what bounds memory); `workers`: threads parsing chunks (the second pass gives half to each split); `progress`: progress bars with rows/s (tqdm) on stderr;
-    `log`: receives one-line notes; `last_entry`: keep only the last entry of each behaviour list, single-valued
-    (torch-rechub's mapping), instead of the whole weighted lists (Note [Ali-CCP lists] in catalog.py).
+    common-features tables, what bounds memory); `workers`: threads parsing chunks (the second pass gives half
+    to each split); `progress`: progress bars with rows/s (tqdm) on stderr; `log`: receives one-line notes;
+    `last_entry`: keep only the last entry of each behaviour list, single-valued (torch-rechub's mapping),
+    instead of the whole weighted lists (Note [Ali-CCP lists] in catalog.py).
     """
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
@@ -650,7 +652,7 @@ def prepare_ali_ccp(
     _remove_stale(out)
     work = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out))
     writers: dict[str, _SplitWriter] = {}
-    stop = threading.Event()  # set when this side fails: the test side stops (Note [Prepare threads])
+    stop = threading.Event()  # set when the train side fails: the test side stops (Note [Prepare threads])
     side_bars = _Bars(progress, None, position=1)
     side = ThreadPoolExecutor(1, thread_name_prefix="prepare-test")
     try:
@@ -658,7 +660,6 @@ def prepare_ali_ccp(
         # pass 1: id counts and dense ranges over the train rows
         common = _read_common(files["common_features_train"], fields, block_size, bars, stop)
         bars.say(_indexed(common))
-        common_lines = {"train": common.n_lines}
         skeleton = files["sample_skeleton_train"]
         with open(work / "val.flags", "wb") as val_out:
             train = _count_train(skeleton, common, fields, sparse, val_share, block_size, workers, val_out,
@@ -670,7 +671,7 @@ def prepare_ali_ccp(
                  f"{sum(vocab_sizes.values()) - len(sparse)} seen at least {min_count} times")
         common_test = test_common.result()
         bars.say(_indexed(common_test))
-        common_lines["test"] = common_test.n_lines
+        common_lines = {"train": common.n_lines, "test": common_test.n_lines}
 
         # pass 2: map and write, the test split beside the train one
         table_schema = _table_schema(schema)

@@ -501,8 +501,9 @@ def ragged(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 # Note [List rows]
 # A list field's rows nearly always take their list from their common line (the behaviour fields are
 # user-side), so a chunk's lists are Arrow's `take` of the common file's lists, by line: one C++ gather
-# that copies each row's entries as a run (~0.1 us a row for the 4 lists). The numpy path, which places
-# every entry by index, is kept for chunks where a row holds its own entries; both give the same arrays.
+# that copies each row's entries as a run (11-14 ms for 42k rows of one field from a 730k-line file,
+# against 17-34 ms for the numpy path, which builds a source and a destination index for every entry).
+# The numpy path is kept for selections where a row holds its own entries; both give the same arrays.
 
 
 @dataclass
