@@ -291,7 +291,6 @@ def test_bad_lines_name_file_and_line_and_publish_nothing(tmp_path) -> None:
         P.prepare_ali_ccp(raw, out, min_count=1)
 
 
-
 def test_the_train_error_wins_over_the_test_side_running_beside_it(tmp_path) -> None:
     """The test split is read and written beside the train one (Note [Prepare threads]); errors keep today's order."""
     raw = tmp_path / "raw"

@@ -185,7 +185,7 @@ def test_arrow_list_take_equals_the_numpy_path() -> None:
     for sel in (np.flatnonzero(np.arange(n) != 7), np.arange(n), rng.permutation(n)[:50], np.zeros(0, dtype=np.int64)):
         got = [J.ListRows(c, lines, from_common, own_ids, own_values, own_counts).take(sel) for c in (fast, slow)]
         assert got[0][0].equals(got[1][0]) and got[0][1].equals(got[1][1])
-        want = [list(ids[offsets[l]:offsets[l + 1]]) if l >= 0 else [] for l in lines[sel]]
+        want = [list(ids[offsets[line]:offsets[line + 1]]) if line >= 0 else [] for line in lines[sel]]
         want = [[11, 12] if i == 7 else w for i, w in zip(sel, want)]
         assert got[0][0].to_pylist() == want
         assert str(got[0][0].type) == "list<item: int32>" and str(got[0][1].type) == "list<item: float>"
