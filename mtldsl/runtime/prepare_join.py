@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..catalog import DataError
-from .prepare_read import Chunk, Entries, parse_entries, read_chunks, to_float
+from .prepare_read import Chunk, Entries, parse_entries, read_chunks, string_bytes, to_float
 
 __all__ = ["SKELETON_COLUMNS", "CommonIds", "CommonList", "CommonTable", "Fields", "IdCounts", "ListRows", "OwnList", "Rows",
            "StringIndex", "Vocab", "build_vocab", "list_values", "malformed_message", "parse_rows", "positions", "ragged"]
@@ -77,17 +77,18 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 _PRIME = np.uint64(0x100000001B3)
 
 
+def ragged(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 for every i, concatenated."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
+
+
 def _words(a: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Each string's bytes zero-padded to `width` (a multiple of 8) as (n, width // 8) uint64 words, and the
     byte lengths; a string longer than `width` gets its first `width` bytes (the caller drops it by length)."""
     n = len(a)
-    offset_type = np.int64 if pa.types.is_large_string(a.type) or pa.types.is_large_binary(a.type) else np.int32
-    _, offsets_buf, data_buf = a.buffers()
-    off = np.frombuffer(offsets_buf, dtype=offset_type, count=n + 1, offset=a.offset * np.dtype(offset_type).itemsize)
-    off = off.astype(np.int64)
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    off, text = string_bytes(a)
     lengths = np.diff(off)
-    text = data[off[0]:off[-1]] if n else data[:0]
     short = np.minimum(lengths, width)
     if n and (lengths == width).all():
         mat = text.reshape(n, width)  # every string fills the width: no copy
@@ -96,10 +97,7 @@ def _words(a: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
         mat[:, :short[0]] = text.reshape(n, -1)[:, :width]
     else:  # each byte to row r, column (its offset in the string), dropping what lies past the width
         mat = np.zeros(n * width, dtype=np.uint8)
-        before = np.cumsum(short) - short  # bytes kept in the rows before
-        src = np.arange(int(short.sum())) + np.repeat(off[:-1] - off[0] - before, short)
-        dst = np.arange(len(src)) + np.repeat(np.arange(n) * width - before, short)
-        mat[dst] = text[src]
+        mat[ragged(np.arange(n) * width, short)] = text[ragged(off[:-1], short)]
         mat = mat.reshape(n, width)
     return np.ascontiguousarray(mat).view(np.uint64), lengths
 
@@ -490,12 +488,6 @@ def _bad_entry(entries: Entries, own: OwnList, i: int) -> str | None:
     assert entries.row is not None
     hit = np.flatnonzero((entries.row[own.entry] == i) & ~np.isfinite(own.values))
     return None if not len(hit) else entries.values(own.entry[hit[:1]]).to_pylist()[0]
-
-
-def ragged(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1 for every i, concatenated."""
-    ends = np.cumsum(lengths)
-    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
 
 
 # Note [List rows]

@@ -22,7 +22,7 @@ import pyarrow.csv as pcsv
 
 from ..catalog import DataError
 
-__all__ = ["Chunk", "Entries", "parse_entries", "read_chunks", "split_parts", "to_float"]
+__all__ = ["Chunk", "Entries", "parse_entries", "read_chunks", "split_parts", "string_bytes", "to_float"]
 
 # Note [Reading raw lines]
 # A raw file is read in blocks of `block_size` bytes cut after their last newline (a longer line makes
@@ -197,18 +197,26 @@ class Entries:
         return self.tokens.take(pa.array(self.start[entry] + 2))
 
 
+def string_bytes(a: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string (or binary) array's bytes without a copy: (int64 offsets from 0, n + 1 of them; the uint8 text)."""
+    n = len(a)
+    wide = pa.types.is_large_string(a.type) or pa.types.is_large_binary(a.type)
+    offset_type = np.dtype(np.int64 if wide else np.int32)
+    _, offsets_buf, data_buf = a.buffers()
+    off = np.frombuffer(offsets_buf, dtype=offset_type, count=n + 1, offset=a.offset * offset_type.itemsize)
+    off = off.astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8, count=int(off[-1] - off[0]), offset=int(off[0])) \
+        if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    return off - off[0], data
+
+
 def split_parts(feature_lists: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Every part of every feature list, split on \\x01, \\x02 and \\x03: (parts, parts per row, row's first part).
 
     One pass of numpy over the column's bytes: the separators are found, dropped from a copy of the text,
     and the parts are string views between them (an empty list has no part; "a\\x01" has two, "a" and "").
     """
-    n = len(feature_lists)
-    _, offsets_buf, data_buf = feature_lists.buffers()
-    off = np.frombuffer(offsets_buf, dtype=np.int32, count=n + 1, offset=feature_lists.offset * 4).astype(np.int64)
-    data = np.frombuffer(data_buf, dtype=np.uint8, count=int(off[-1] - off[0]), offset=int(off[0])) \
-        if data_buf is not None else np.zeros(0, dtype=np.uint8)
-    off -= off[0]
+    off, data = string_bytes(feature_lists)
     is_sep = (data - np.uint8(1)) < 3  # \x01, \x02, \x03 (0 wraps to 255)
     seps = np.flatnonzero(is_sep)
     text = data[~is_sep]
