@@ -83,6 +83,7 @@ class Schema:
     lists: tuple[str, ...] = ()  # list-valued id columns (a list of ids per row), apart from the single-valued sparse
     list_weights: Mapping[str, str] = field(default_factory=dict)  # list field -> its weights column (weighted lists)
     hashed: Mapping[str, int] = field(default_factory=dict)  # field -> buckets, ids modulo (Note [Vocabulary bound])
+    list_rows: str | None = None  # the lists live in list tables; this column gives each row's (Note [List tables])
 
     def __post_init__(self) -> None:
         if "all" not in self.groups:
@@ -90,10 +91,16 @@ class Schema:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """Every column the loader needs: labels, sparse, lists and their weights, dense and the group id, without repeats."""
+        """Every column the loader needs from a split file: labels, sparse, lists and their weights (or the list
+        row: Note [List tables]), dense and the group id, without repeats."""
         extra = (self.user_id,) if self.user_id else ()
-        weights = tuple(self.list_weights[f] for f in self.lists if f in self.list_weights)
-        return tuple(dict.fromkeys((*self.labels, *self.sparse, *self.lists, *weights, *self.dense, *extra)))
+        lists = (self.list_rows,) if self.list_rows else self.list_columns
+        return tuple(dict.fromkeys((*self.labels, *self.sparse, *lists, *self.dense, *extra)))
+
+    @property
+    def list_columns(self) -> tuple[str, ...]:
+        """The list fields and their weights columns."""
+        return (*self.lists, *(self.list_weights[f] for f in self.lists if f in self.list_weights))
 
     def vocab(self, fields: Sequence[str]) -> tuple[int, ...]:
         """Vocabulary sizes of `fields`, in that order (for a FusedEmbedding)."""
@@ -177,10 +184,12 @@ def _ali_ccp_schema(name: str, vocab_sizes: Mapping[str, int] | None = None) -> 
 
 # Note [Ali-CCP lists]
 # The behaviour fields 109_14, 110_14, 127_14 and 150_14 are lists of (id, value) entries. `mtldsl data
-# prepare ali_ccp` keeps them whole by default (list fields, their values as the weights `<f>_w`); with
-# `--last-entry` it keeps only each list's last id, as torch-rechub does, and they stay single-valued.
+# prepare ali_ccp` keeps them whole by default (list fields, their values as the weights `<f>_w`, once per
+# common-features line in list tables: Note [List tables] in runtime/store.py); with `--last-entry` it keeps
+# only each list's last id, as torch-rechub does, and they stay single-valued.
 # So the named dataset has two schemas: ALI_CCP_LISTS when the prepared folder's schema.json declares list
-# fields, else the single-valued one (also when no folder is present, so `check`/`compile` need no files).
+# fields (with its `list_rows`: a folder prepared before list tables has the lists inline), else the
+# single-valued one (also when no folder is present, so `check`/`compile` need no files).
 # `fields all` means the single-valued fields on every dataset (docs/language.md, List fields), so on a
 # full-list folder a spec saying `fields all` does not read the four behaviour id lists (their D<f>
 # values stay: they are dense columns). That is said, not silent: training warns (without progress output
@@ -429,6 +438,8 @@ def schema_to_json(schema: Schema, *, with_vocab: bool = False) -> str:
         data["lists"] = list(schema.lists)
     if schema.list_weights:
         data["list_weights"] = dict(schema.list_weights)
+    if schema.list_rows:
+        data["list_rows"] = schema.list_rows
     if schema.hashed:
         data["hash_ids"] = dict(schema.hashed)
     if with_vocab and schema.vocab_sizes is not None:
@@ -443,7 +454,8 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object")
-    known = {"name", "labels", "sparse", "dense", "groups", "user_id", "vocab_sizes", "lists", "list_weights", "hash_ids"}
+    known = {"name", "labels", "sparse", "dense", "groups", "user_id", "vocab_sizes", "lists", "list_weights",
+             "list_rows", "hash_ids"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise DataError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
@@ -467,6 +479,7 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
                             "a feature (it would leak into the inputs)")
     taken = {*sparse, *lists, *names("dense"), *names("labels")}
     list_weights = _list_weights(data.get("list_weights", {}), lists, taken, path)
+    list_rows = _list_rows(data.get("list_rows"), lists, {*taken, *list_weights.values()}, path)
     groups_raw = data.get("groups", {})
     if not isinstance(groups_raw, dict):
         raise DataError(f"{path}: 'groups' must map group names to lists of sparse fields")
@@ -513,7 +526,21 @@ def schema_from_json(text: str, *, path: str | Path = SCHEMA_FILE, default_name:
         lists=lists,
         list_weights=list_weights,
         hashed=dict(hashed),
+        list_rows=list_rows,
     )
+
+
+def _list_rows(value: object, lists: tuple[str, ...], taken: set[str], path: str | Path) -> str | None:
+    """schema.json's 'list_rows': the column giving each row's row of its list table (Note [List tables])."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{path}: 'list_rows' must be a column name (each row's row of its list table) or null")
+    if not lists:
+        raise DataError(f"{path}: 'list_rows' is set but 'lists' is empty: a list table holds list fields")
+    if value in taken:
+        raise DataError(f"{path}: 'list_rows' names '{value}', which is a field, label or weights column already")
+    return value
 
 
 def _list_weights(value: object, lists: tuple[str, ...], taken: set[str], path: str | Path) -> dict[str, str]:
@@ -683,7 +710,10 @@ def _named_schema(key: str, data_dir: str | Path | None) -> Schema:
         declared = json.loads((resolve_folder(key, data_dir) / SCHEMA_FILE).read_text(encoding="utf-8"))
     except (DatasetNotFound, OSError, ValueError):
         return schema  # no folder (yet), or no readable schema.json: the single-valued layout
-    return ALI_CCP_LISTS if isinstance(declared, dict) and declared.get("lists") else schema
+    if not isinstance(declared, dict) or not declared.get("lists"):
+        return schema
+    rows = declared.get("list_rows")  # lists kept once per common line (Note [List tables] in runtime/store.py)
+    return replace(ALI_CCP_LISTS, list_rows=rows) if isinstance(rows, str) and rows else ALI_CCP_LISTS
 
 
 def schema_for(source: str, data_dir: str | Path | None = None, *, labels: Sequence[str] | None = None,

@@ -49,6 +49,13 @@ def shop_folder(folder: Path, rows: dict[str, int] | None = None, *, schema: boo
     return folder
 
 
+def inline_lists(folder: Path, split: str) -> list[dict[str, object]]:
+    """The rows of `<split>.parquet`, each with its row of `<split>.lists.parquet` (Note [List tables])."""
+    rows = pq.read_table(folder / f"{split}.parquet")
+    lists = pq.read_table(folder / f"{split}.lists.parquet").take(rows.column("list_row"))
+    return [{**r, **x} for r, x in zip(rows.to_pylist(), lists.to_pylist(), strict=True)]
+
+
 def shop_spec(folder: Path, at: Path) -> Path:
     """tests/golden/shop_lists.mtl reading `folder`."""
     text = (SHOP.parent.parent / "golden" / "shop_lists.mtl").read_text()

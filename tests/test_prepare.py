@@ -389,7 +389,8 @@ def test_an_interrupted_prepare_keeps_the_previous_output_and_a_rerun_is_identic
     out = tmp_path / "out"
     P.prepare_ali_ccp(raw, out, min_count=2, row_group_size=16, block_size=2048)
     before = _bytes(out)
-    assert set(before) == {"train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "prepare.json", "schema.json"}
+    assert set(before) == {"train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "prepare.json",
+                           "schema.json", "train.lists.parquet", "val.lists.parquet", "test.lists.parquet"}
     calls = []
     real = getattr(P, stage)
 
@@ -425,7 +426,7 @@ def test_a_republish_never_shows_the_old_schema_over_new_data(tmp_path, monkeypa
 
     monkeypatch.setattr(P.os, "replace", replace)
     P.prepare_ali_ccp(raw, out, min_count=2)
-    assert seen[-1] == ("schema.json", False) and len(seen) == 6
+    assert seen[-1] == ("schema.json", False) and len(seen) == 9
     assert not any(has_schema for _, has_schema in seen)
 
 

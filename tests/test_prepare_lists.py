@@ -3,14 +3,18 @@ format]): checked against a naive per-line reading of the raw files, and against
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from list_data import inline_lists
 from test_prepare import BEHAVIOUR, write_raw
 from typer.testing import CliRunner
 
@@ -72,17 +76,32 @@ def test_whole_lists_match_the_naive_reading(both) -> None:
              for f in BEHAVIOUR}
     assert {f: full.vocab_sizes[f] for f in BEHAVIOUR} == {f: len(vocab[f]) + 1 for f in BEHAVIOUR}
     for split in ("train", "val", "test"):
-        got = pq.read_table(full.out / f"{split}.parquet").to_pylist()
+        got = inline_lists(full.out, split)
         assert len(got) == len(naive[split]) == full.rows[split]
         for g, row in zip(got, naive[split]):
             for f in BEHAVIOUR:
                 assert g[f] == [vocab[f].get(fid, 0) for fid, _ in row[f]]
                 assert g[f"{f}_w"] == [float(np.float32(float(v))) for _, v in row[f]]
-    test = pq.read_table(full.out / "test.parquet").to_pylist()
+    test = inline_lists(full.out, "test")
     own = [r for r in test if r["101"] == 0]  # no common line: its own entries, ids unseen in train -> 0
     assert len(own) == 1 and own[0]["109_14"] == [0, 0] and own[0]["109_14_w"] == [0.5, 2.0]
     assert own[0]["110_14"] == [] and own[0]["110_14_w"] == []
     assert all(len(r["109_14"]) == 3 for r in test if r["101"] != 0)  # every entry of the common line, not the last
+
+
+def test_lists_are_kept_once_per_common_line(both) -> None:
+    """Note [List tables]: a split's list table is its common lines, an empty row, then rows with lists of their own."""
+    raw, full, _ = both
+    for split, source in (("train", "train"), ("val", "train"), ("test", "test")):
+        lines = len((raw / f"common_features_{source}.csv").read_text().splitlines())
+        rows = pq.read_table(full.out / f"{split}.parquet")
+        table = pq.read_table(full.out / f"{split}.lists.parquet")
+        own = 1 if split == "test" else 0  # the test row without a common line brings its own 109_14 list
+        assert table.num_rows == lines + 1 + own and full.common_lines[source] == lines
+        assert table.slice(lines, 1).to_pylist() == [{c: [] for c in table.column_names}]
+        assert rows.column("list_row").type == pa.int32() and "109_14" not in rows.column_names
+        assert set(rows.column("list_row").to_pylist()) <= set(range(lines)) | ({lines + 1} if own else set())
+    assert full.files["train.lists.parquet"] == str(full.out / "train.lists.parquet")
 
 
 def test_every_other_column_is_the_last_entry_output(both) -> None:
@@ -103,13 +122,23 @@ def test_the_named_dataset_takes_the_schema_its_folder_was_prepared_with(both, m
     monkeypatch.delenv("MTLDSL_DATA", raising=False)
     assert schema_for("ali_ccp").lists == ()  # no folder: the single-valued schema, no files read
     schema = schema_for("ali_ccp", full.out.parent)
-    assert schema == ALI_CCP_LISTS and "109_14" not in schema.sparse
+    assert schema == replace(ALI_CCP_LISTS, list_rows="list_row") and "109_14" not in schema.sparse
     assert schema.list_weights["127_14"] == "127_14_w"
     ds = load_dataset("ali_ccp", data_dir=full.out.parent)
     assert ds.schema.lists == BEHAVIOUR and len(ds.test) == full.rows["test"]
     assert ds.schema.vocab_sizes["150_14"] == full.vocab_sizes["150_14"]
     offsets, ids, weights = ds.train.bags("109_14")
     assert len(offsets) == full.rows["train"] + 1 and weights is not None and len(weights) == len(ids)
+    old = tmp_path / "old" / "ali_ccp"  # prepared before list tables: the lists inline, no 'list_rows'
+    old.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        rows = [{k: v for k, v in r.items() if k != "list_row"} for r in inline_lists(full.out, split)]
+        pq.write_table(pa.Table.from_pylist(rows), old / f"{split}.parquet")
+    declared = json.loads((full.out / "schema.json").read_text())
+    (old / "schema.json").write_text(json.dumps({k: v for k, v in declared.items() if k != "list_rows"}))
+    assert schema_for("ali_ccp", old.parent) == ALI_CCP_LISTS
+    again = load_dataset("ali_ccp", data_dir=old.parent).train.bags("109_14")
+    assert all(torch.equal(x, y) for x, y in zip(again, (offsets, ids, weights)))
     folder = tmp_path / "root" / "ali_ccp"  # a folder prepared with --last-entry: the single-valued schema
     folder.mkdir(parents=True)
     for name in ("train.parquet", "val.parquet", "test.parquet", "schema.json"):
@@ -149,7 +178,9 @@ def test_cli_prepare_last_entry_flag(tmp_path) -> None:
         r = CliRunner().invoke(app, ["data", "prepare", "ali_ccp", "--raw", str(raw), "--out", str(out),
                                      "--min-count", "1", "--no-progress", *flag])
         assert r.exit_code == 0, r.output
-        assert str(pq.read_schema(out / "train.parquet").field("109_14").type) == kind
+        lists = out / "train.lists.parquet"
+        assert str(pq.read_schema(lists if lists.exists() else out / "train.parquet").field("109_14").type) == kind
+        assert lists.exists() == (not flag)
 
 
 def test_workers_and_blocks_do_not_change_the_lists(both, tmp_path) -> None:
@@ -157,13 +188,14 @@ def test_workers_and_blocks_do_not_change_the_lists(both, tmp_path) -> None:
     for workers, block in ((1, 1 << 20), (3, 300)):
         again = P.prepare_ali_ccp(raw, tmp_path / f"w{workers}", min_count=MIN_COUNT, row_group_size=16,
                                   block_size=block, workers=workers)
-        for name in ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "schema.json"):
+        for name in ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "schema.json",
+                     "train.lists.parquet", "val.lists.parquet", "test.lists.parquet"):
             assert (again.out / name).read_bytes() == (full.out / name).read_bytes(), (workers, name)
 
 
-def test_arrow_list_take_equals_the_numpy_path() -> None:
-    """Note [List rows]: rows whose lists come from their common line (or are empty) take Arrow's list gather; a
-    selection with a row of its own entries takes the numpy path. Both give the same arrays."""
+def test_common_lines_and_own_lists_as_arrow_lists() -> None:
+    """Note [Own lists]: CommonIds.lines gives lines as Arrow lists (one past the last: empty); ListRows gives each
+    row its common line's list where that line holds the field, else the row's own entries."""
     rng = np.random.default_rng(0)
     n_lines = 200
     lengths = rng.integers(0, 6, n_lines)
@@ -172,20 +204,24 @@ def test_arrow_list_take_equals_the_numpy_path() -> None:
     values = rng.random(int(offsets[-1])).astype(np.float32)
     common = J.CommonList(offsets, np.zeros(len(values), dtype=np.int32), values, pa.array([], pa.string()))
     ids = rng.integers(1, 1000, len(values)).astype(np.int32)
-    fast = J.CommonIds.of(common, ids)
-    slow = J.CommonIds(common, ids, None)
-    assert fast.arrow is not None
+    c = J.CommonIds(common, ids)
+    for a, b in ((0, n_lines + 1), (5, 9), (150, n_lines + 1), (n_lines, n_lines + 1)):
+        got_ids, got_w = c.lines(a, b)
+        for got, want in ((got_ids, ids), (got_w, values)):
+            assert got.to_pylist() == [want[offsets[k]:offsets[k + 1]].tolist() if k < n_lines else [] for k in range(a, b)]
+        assert str(got_ids.type) == "list<item: int32>" and str(got_w.type) == "list<item: float>"
     n = 500
     lines = rng.integers(-1, n_lines, n)  # -1: no common line
     own_counts = np.zeros(n, dtype=np.int64)
-    own_counts[7] = 2  # row 7 brings its own entries (its line must lack the list)
-    lines[7] = 0
-    own_ids, own_values = np.array([11, 12], dtype=np.int32), np.array([0.5, 0.25], dtype=np.float32)
+    own_counts[7], own_counts[9] = 2, 1  # rows 7 and 9 bring their own entries (their line lacks the list)
+    lines[7], lines[9] = 0, -1
+    own_ids, own_values = np.array([11, 12, 13], dtype=np.int32), np.array([0.5, 0.25, 4.0], dtype=np.float32)
     from_common = np.where(lines >= 0, lengths[np.maximum(lines, 0)], 0) > 0
-    for sel in (np.flatnonzero(np.arange(n) != 7), np.arange(n), rng.permutation(n)[:50], np.zeros(0, dtype=np.int64)):
-        got = [J.ListRows(c, lines, from_common, own_ids, own_values, own_counts).take(sel) for c in (fast, slow)]
-        assert got[0][0].equals(got[1][0]) and got[0][1].equals(got[1][1])
-        want = [list(ids[offsets[line]:offsets[line + 1]]) if line >= 0 else [] for line in lines[sel]]
-        want = [[11, 12] if i == 7 else w for i, w in zip(sel, want)]
-        assert got[0][0].to_pylist() == want
-        assert str(got[0][0].type) == "list<item: int32>" and str(got[0][1].type) == "list<item: float>"
+    mine = {7: ([11, 12], [0.5, 0.25]), 9: ([13], [4.0])}
+    for sel in (np.arange(n), rng.permutation(n)[:50], np.array([9, 7, 3]), np.zeros(0, dtype=np.int64)):
+        got = J.ListRows(c, lines, from_common, own_ids, own_values, own_counts).take(sel)
+        want = [mine[i][0] if i in mine else ids[offsets[k]:offsets[k + 1]].tolist() if k >= 0 else []
+                for i, k in zip(sel, lines[sel])]
+        assert got[0].to_pylist() == want
+        assert got[1].to_pylist()[:3] == [mine[i][1] if i in mine else values[offsets[k]:offsets[k + 1]].tolist()
+                                          if k >= 0 else [] for i, k in zip(sel[:3], lines[sel[:3]])]

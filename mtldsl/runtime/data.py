@@ -169,6 +169,16 @@ def _ragged(starts: Tensor, lengths: Tensor) -> Tensor:
     return torch.arange(total, device=starts.device) + shift
 
 
+def _table_bags(lc: ListColumn, rows: np.ndarray) -> _Bags:
+    """Rows `rows` of a list table (Note [List tables] in store.py), their ids gathered in that order."""
+    offsets = np.asarray(lc.offsets)  # int64, a memory map of the table's offsets
+    starts = torch.from_numpy(offsets[rows])
+    lengths = torch.from_numpy(offsets[rows + 1]) - starts
+    at = _ragged(starts, lengths).numpy()
+    weights = None if lc.weights is None else _tensor(np.asarray(lc.weights)[at])
+    return _Bags.of(lengths, _tensor(np.asarray(lc.ids)[at]), weights)
+
+
 def _cat_bags(parts: list[_Bags]) -> _Bags:
     if len(parts) == 1:
         return parts[0]
@@ -345,6 +355,8 @@ class Split:
     def _bags_of(self, lc: ListColumn, a: int, b: int) -> _Bags:
         """Rows [a, b) of the split from one list field (Note [List batches])."""
         if self.index is None:
+            if lc.rows is not None:
+                return _table_bags(lc, np.asarray(_read(lc.rows, a, b), dtype=np.int64))
             off = _tensor(_read(lc.offsets, a, b + 1)).to(torch.int64)
             lo, hi = int(off[0]), int(off[-1])
             weights = None if lc.weights is None else _tensor(_read(lc.weights, lo, hi))

@@ -1,10 +1,11 @@
 """Raw Tianchi Ali-CCP files -> the dataset folder runtime/data.py reads, vectorised, in bounded memory.
 
 `prepare_ali_ccp(raw, out)` reads `sample_skeleton_{train,test}.csv` and `common_features_{train,test}.csv`
-(in RAW or RAW/train, RAW/test) and writes `train.parquet`, `val.parquet`, `test.parquet`, `schema.json`
-(the catalog's `ali_ccp` schema with vocabulary sizes: catalog.ALI_CCP_LISTS with whole behaviour lists,
-the default, or the single-valued one with `last_entry`), `vocab.parquet` (raw feature id -> model id per
-field) and `prepare.json` (settings, row counts, ranges) into OUT. Note [Ali-CCP raw format] describes
+(in RAW or RAW/train, RAW/test) and writes `train.parquet`, `val.parquet`, `test.parquet`, with the whole
+behaviour lists (the default) their list tables `<split>.lists.parquet` (Note [List tables] in
+runtime/store.py), `schema.json` (the catalog's `ali_ccp` schema with vocabulary sizes: catalog.ALI_CCP_LISTS
+with the list-table column, or the single-valued one with `last_entry`), `vocab.parquet` (raw feature id ->
+model id per field) and `prepare.json` (settings, row counts, ranges) into OUT. Note [Ali-CCP raw format] describes
 the input and the mapping; Note [Prepare passes] how it runs.
 
 The raw text is cut into blocks of `block_size` bytes, parsed by pyarrow's CSV parser, and every step
@@ -20,12 +21,10 @@ interrupted run leaves the previous files (or none), never half-written ones.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -45,6 +44,7 @@ import pyarrow.parquet as pq
 from ..catalog import ALI_CCP_LISTS, KNOWN_DATASETS, SCHEMA_FILE, DataError, DatasetNotFound, data_roots, schema_to_json
 from .prepare_join import SKELETON_COLUMNS, CommonIds, CommonTable, Fields, IdCounts, ListRows, Vocab, build_vocab, parse_rows
 from .prepare_read import Chunk, read_chunks
+from .prepare_write import LIST_ROW, SplitWriter, publish, remove_stale, table_schemas
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -73,8 +73,11 @@ __all__ = [
 # - samples with click=0 and purchase=1 (noise: a purchase without a click) are dropped;
 # - the behaviour fields 109_14, 110_14, 127_14 and 150_14 are lists (Note [Ali-CCP lists] in catalog.py):
 #   by default every entry is kept, in file order, as list<int32> ids with the entries' values as
-#   list<float32> weights `<f>_w` (a row without the field gets an empty list); each entry counts once
-#   for the vocabulary below, and a value that is not a finite number is an error at its line. With
+#   list<float32> weights `<f>_w` (a row without the field gets an empty list), in the split's list table:
+#   one row per common-features line, then an empty row, then rows for samples with lists of their own
+#   (Note [Own lists] in prepare_join.py), each sample naming its row in `list_row`; each entry counts once
+#   for the vocabulary below (once per sample that joins its line), and a value that is not a finite
+#   number is an error at its line. With
 #   `--last-entry` (torch-rechub's mapping) they are single-valued like every other field:
 # - a field listed several times in one sample (e.g. the 210 field) keeps its last entry;
 #   a field present in both files takes the common-features entry (its whole list, for a list field);
@@ -91,7 +94,6 @@ __all__ = [
 #   test file into val and test.
 
 _T = TypeVar("_T")
-LABELS = ("click", "purchase")
 DEFAULT_MIN_COUNT = 10
 DEFAULT_VAL_SHARE = 0.1
 DEFAULT_ROW_GROUP = 100_000
@@ -148,55 +150,6 @@ def _val_mask(sample_ids: pa.Array, keep: np.ndarray, share: float) -> np.ndarra
     digests = np.frombuffer(b"".join([blake(s, digest_size=8).digest() for s in ids]), dtype=">u8")
     out[keep] = digests.astype(np.uint64) < np.uint64(threshold)
     return out
-
-
-# --- writing --------------------------------------------------------------------------------------
-
-
-class _SplitWriter:
-    """One split's Parquet file, written one row group of exactly `row_group_size` rows at a time (the last may be short)."""
-
-    def __init__(self, path: Path, schema: pa.Schema, row_group_size: int) -> None:
-        self.path = path
-        self.schema = schema
-        self.writer = pq.ParquetWriter(str(path), schema, compression="zstd")
-        self.row_group_size = row_group_size
-        self.held: list[pa.Table] = []
-        self.n_held = 0
-        self.written = 0
-        self.max_held = 0
-        self.closed = False
-
-    def append(self, table: pa.Table) -> None:
-        self.held.append(table)
-        self.n_held += table.num_rows
-        if self.n_held >= self.row_group_size:
-            self._write(self.n_held - self.n_held % self.row_group_size)
-        self.max_held = max(self.max_held, self.n_held)
-
-    def _write(self, n: int) -> None:
-        """Write the first n held rows (a multiple of row_group_size, or all at the end) as row groups."""
-        table = pa.concat_tables(self.held).combine_chunks()
-        for start in range(0, n, self.row_group_size):
-            group = table.slice(start, min(self.row_group_size, n - start))
-            self.writer.write_table(group, row_group_size=self.row_group_size)
-        rest = table.slice(n)
-        self.held = [rest] if rest.num_rows else []
-        self.n_held = rest.num_rows
-        self.written += n
-
-    def close(self) -> None:
-        if self.n_held:
-            self._write(self.n_held)
-        self.writer.close()
-        self.closed = True
-
-    def abandon(self) -> None:
-        """Close the file without writing what is held (after an error; the folder is removed)."""
-        if not self.closed:
-            with contextlib.suppress(Exception):
-                self.writer.close()
-            self.closed = True
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -430,14 +383,15 @@ class _Mapped:
     """Pass 2 of one chunk: output rows per split, and the rows skipped by reason (in the order met)."""
 
     n_rows: int
-    tables: dict[str, pa.Table]
+    tables: dict[str, tuple[pa.Table, pa.Table | None]]  # per split: its rows, and their own lists (Note [Own lists])
     skipped: list[tuple[str, int]]
 
 
 def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonTable, common_ids: Mapping[int, np.ndarray],
                list_ids: Mapping[int, CommonIds], fields: Fields, vocab: Sequence[Vocab], train: _TrainCounts,
-               schema: pa.Schema) -> _Mapped:
-    """Map ids through the vocabulary and scale dense values: the chunk's rows for train/val (or test)."""
+               schema: pa.Schema, list_schema: pa.Schema | None) -> _Mapped:
+    """Map ids through the vocabulary and scale dense values: the chunk's rows for train/val (or test), each row's
+    list-table row, and the lists of the rows that need a list-table row of their own (Note [Own lists])."""
     n = len(chunk)
     rows = parse_rows(chunk, common, fields)
     skipped = []
@@ -455,22 +409,30 @@ def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonT
         if own.any():
             ids[s, own] = vocab[s].lookup(rows.entries.ids(e[own]))
     dense = [_scale(rows.dense[d], float(train.lo[d]), float(train.hi[d])) for d in range(len(fields.dense))]
-    lists = [ListRows.of(rows, j, common, list_ids[j], vocab[s])
-             for s, j in enumerate(fields.lists, len(fields.sparse))]
+    list_row = np.where(rows.lines >= 0, rows.lines, common.n_lines).astype(np.int32)  # n_lines: the empty row
+    own = np.zeros(n, dtype=bool)
+    for j in fields.lists:
+        own |= rows.own_lists[j].counts > 0
     targets = {split: rows.keep} if val is None else {"train": rows.keep & (val == 0), "val": rows.keep & (val != 0)}
     tables = {}
     for target, mask in targets.items():
         sel = np.flatnonzero(mask)
         if len(sel):
             columns = [pa.array(c) for c in (rows.click[sel], rows.purchase[sel], *(i[sel] for i in ids))]
-            columns += [a for rows_of in lists for a in rows_of.take(sel)]
+            mine, lists = own[sel], None
+            if mine.any():  # placeholders -1 - k, made rows of the list table when it is written (Note [Own lists])
+                lists = pa.Table.from_arrays([a for s, j in enumerate(fields.lists, len(fields.sparse)) for a in
+                                              ListRows.of(rows, j, common, list_ids[j], vocab[s]).take(sel[mine])],
+                                             schema=list_schema)
+            if fields.lists:
+                columns.append(pa.array(np.where(mine, -1 - np.cumsum(mine) + 1, list_row[sel]).astype(np.int32)))
             columns += [pa.array(d[sel]) for d in dense]
-            tables[target] = pa.Table.from_arrays(columns, schema=schema)
+            tables[target] = (pa.Table.from_arrays(columns, schema=schema), lists)
     return _Mapped(n, tables, skipped)
 
 
 def _write_skeleton(skeleton: Path, split: str, common: CommonTable, fields: Fields, vocab: Sequence[Vocab],
-                    train: _TrainCounts, writers: Mapping[str, _SplitWriter], val_in: BinaryIO | None,
+                    train: _TrainCounts, writers: Mapping[str, SplitWriter], val_in: BinaryIO | None,
                     skipped: Counter[str], block_size: int, workers: int,
                     progress: Callable[[int, int], None] | None) -> int:
     """Pass 2 over one skeleton file: map ids, scale dense values, append rows to the split writers."""
@@ -482,22 +444,27 @@ def _write_skeleton(skeleton: Path, split: str, common: CommonTable, fields: Fie
             common_ids[j] = per_id[common.codes[j]]  # code -1 takes the trailing 0
     for s, j in enumerate(fields.lists, len(fields.sparse)):  # list fields: model id of every common entry
         cl = common.lists[j]
-        list_ids[j] = CommonIds.of(cl, vocab[s].lookup(cl.dictionary)[cl.codes] if len(cl.codes)
-                                    else np.zeros(0, dtype=np.int32))
+        list_ids[j] = CommonIds(cl, vocab[s].lookup(cl.dictionary)[cl.codes] if len(cl.codes)
+                                else np.zeros(0, dtype=np.int32))
     schema = writers["test"].schema
+    for target in ("test",) if split == "test" else ("train", "val"):
+        if writers[target].lists is not None:
+            writers[target].start_lists([list_ids[j] for j in fields.lists], common.n_lines)
+    list_schema = None if writers["test"].lists is None else writers["test"].lists.schema
 
     def jobs() -> Iterator[Callable[[], _Mapped]]:
         for chunk in read_chunks(skeleton, SKELETON_COLUMNS, block_size, progress):
             val = None if val_in is None else np.frombuffer(val_in.read(len(chunk)), dtype=np.uint8)
-            yield partial(_map_chunk, chunk, val, split, common, common_ids, list_ids, fields, vocab, train, schema)
+            yield partial(_map_chunk, chunk, val, split, common, common_ids, list_ids, fields, vocab, train, schema,
+                          list_schema)
 
     max_rows = 0
     for part in _in_order(jobs(), workers):
         max_rows = max(max_rows, part.n_rows)
         for reason, k in part.skipped:
             skipped[reason] += k
-        for target, table in part.tables.items():
-            writers[target].append(table)
+        for target, (table, lists) in part.tables.items():
+            writers[target].append(table if lists is None else writers[target].add_lists(lists, table))
     return max_rows
 
 
@@ -518,14 +485,6 @@ def _read_common(path: Path, fields: Fields, block_size: int, bars: _Bars, stop:
                             _stoppable(bars.bar(path, f"index {path.name}"), stop), fields.lists)
 
 
-def _table_schema(schema: Any) -> pa.Schema:
-    """The columns of train/val/test.parquet: labels, sparse ids, list ids and weights, dense values."""
-    return pa.schema([(c, pa.int8()) for c in LABELS] + [(f, pa.int32()) for f in schema.sparse]
-                     + [c for f in schema.lists for c in ((f, pa.list_(pa.int32())),
-                                                          (schema.list_weights[f], pa.list_(pa.float32())))]
-                     + [(d, pa.float32()) for d in schema.dense])
-
-
 def _say_skipped(bars: _Bars, skipped: Counter[str]) -> None:
     if skipped[_NOISE]:
         bars.say(f"dropped {skipped[_NOISE]} rows with click=0, purchase=1")
@@ -536,47 +495,6 @@ def _say_skipped(bars: _Bars, skipped: Counter[str]) -> None:
 
 def _indexed(common: CommonTable) -> str:
     return f"indexed {common.n_lines} common-feature lines of {common.path.name}"
-
-
-def _remove_stale(out: Path) -> None:
-    """Remove temporary folders of prepares that were killed (their process is gone) from OUT."""
-    for stale in out.glob(".prepare-*-*"):
-        m = re.fullmatch(r"\.prepare-(\d+)-.*", stale.name)
-        if m is None or not stale.is_dir() or int(m.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except OSError:
-            pass  # alive, or not ours to signal
-
-
-def _publish(work: Path, out: Path, names: Sequence[str]) -> dict[str, str]:
-    """fsync every file, then move them into OUT in order (data first, schema.json last), then fsync OUT.
-
-    An earlier prepare's schema.json goes first: a reader that starts while the data files are being
-    replaced finds no schema (a "not prepared" error) rather than the old schema over new data.
-    """
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(out / SCHEMA_FILE)
-    for name in names:
-        fd = os.open(work / name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    written = {}
-    for name in names:
-        os.replace(work / name, out / name)
-        written[name] = str(out / name)
-    with contextlib.suppress(OSError):
-        fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return written
 
 
 def _write_side_files(work: Path, files: Mapping[str, Path], schema: Any, vocab: Sequence[Vocab], train: _TrainCounts,
@@ -604,7 +522,9 @@ def _write_side_files(work: Path, files: Mapping[str, Path], schema: Any, vocab:
     }
     if schema.lists:  # (absent with --last-entry: that prepare.json is the one written before lists existed)
         manifest["lists"] = {"fields": list(schema.lists), "weights": dict(schema.list_weights),
-                             "mapping": "every entry of the list; its value is its weight"}
+                             "mapping": "every entry of the list; its value is its weight",
+                             "tables": f"<split>.lists.parquet, row {LIST_ROW}: the common-features lines, "
+                                       "an empty row, then samples with lists of their own"}
     (work / "prepare.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return dense_range
 
@@ -644,14 +564,14 @@ def prepare_ali_ccp(
     files = _find_raw(raw)
     bars = _Bars(progress, log)
 
-    schema = KNOWN_DATASETS["ali_ccp"].schema if last_entry else ALI_CCP_LISTS
+    schema = KNOWN_DATASETS["ali_ccp"].schema if last_entry else replace(ALI_CCP_LISTS, list_rows=LIST_ROW)
     sparse = (*schema.sparse, *schema.lists)  # every id field: the vocabulary's
     fields = Fields.of(schema.sparse, schema.dense, schema.lists)
 
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    remove_stale(out)
     work = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out))
-    writers: dict[str, _SplitWriter] = {}
+    writers: dict[str, SplitWriter] = {}
     stop = threading.Event()  # set when the train side fails: the test side stops (Note [Prepare threads])
     side_bars = _Bars(progress, None, position=1)
     side = ThreadPoolExecutor(1, thread_name_prefix="prepare-test")
@@ -674,8 +594,8 @@ def prepare_ali_ccp(
         common_lines = {"train": common.n_lines, "test": common_test.n_lines}
 
         # pass 2: map and write, the test split beside the train one
-        table_schema = _table_schema(schema)
-        writers.update({s: _SplitWriter(work / f"{s}.parquet", table_schema, row_group_size)
+        table_schema, list_schema = table_schemas(schema)
+        writers.update({s: SplitWriter(work / f"{s}.parquet", table_schema, row_group_size, list_schema)
                         for s in ("train", "val", "test")})
         skipped, skipped_test = Counter[str](), Counter[str]()  # by reason, in the order met
         test_skeleton = files["sample_skeleton_test"]
@@ -716,8 +636,8 @@ def prepare_ali_ccp(
             common_lines=common_lines,
         )
         # publish: data files first, schema.json last (a reader that sees the schema sees the data)
-        written = _publish(work, out, ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "prepare.json",
-                                       SCHEMA_FILE))
+        written = publish(work, out, [*(p.name for w in writers.values() for p in w.paths), "vocab.parquet",
+                                       "prepare.json", SCHEMA_FILE])
         return replace(report, files=written)
     except BaseException:
         stop.set()

@@ -490,30 +490,33 @@ def _bad_entry(entries: Entries, own: OwnList, i: int) -> str | None:
     return None if not len(hit) else entries.values(own.entry[hit[:1]]).to_pylist()[0]
 
 
-# Note [List rows]
+# Note [Own lists]
 # A list field's rows nearly always take their list from their common line (the behaviour fields are
-# user-side), so a chunk's lists are Arrow's `take` of the common file's lists, by line: one C++ gather
-# that copies each row's entries as a run (11-14 ms for 42k rows of one field from a 730k-line file,
-# against 17-34 ms for the numpy path, which builds a source and a destination index for every entry).
-# The numpy path is kept for selections where a row holds its own entries; both give the same arrays.
+# user-side), and then they only name that line: the common lines are rows of the split's list table
+# (Note [List tables] in runtime/store.py), written once per split. A row whose common line lacks a list
+# field that the row itself carries (or that has no common line but lists of its own) gets a list-table
+# row of its own, appended after the common lines and the empty row: ListRows builds those rows' lists,
+# each field from the common line where it holds the field, else from the row's own entries.
 
 
 @dataclass
 class CommonIds:
-    """One list field of a common-features file with its entries mapped to model ids, and the same as Arrow lists
-    (ids, weights) with one row per line and a trailing empty one (Note [List rows]); None if the offsets overflow int32."""
+    """One list field of a common-features file with its entries mapped to model ids (Note [Own lists])."""
 
     common: CommonList
     ids: np.ndarray  # int32 model id of each entry
-    arrow: tuple[pa.ListArray, pa.ListArray] | None
 
-    @classmethod
-    def of(cls, common: CommonList, ids: np.ndarray) -> CommonIds:
-        if common.offsets[-1] >= 2**31:
-            return cls(common, ids, None)
-        offsets = pa.array(np.append(common.offsets, common.offsets[-1]).astype(np.int32))
-        return cls(common, ids, (pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
-                                 pa.ListArray.from_arrays(offsets, pa.array(common.values, pa.float32()))))
+    def lines(self, a: int, b: int) -> tuple[pa.ListArray, pa.ListArray]:
+        """Lines [a, b) as Arrow lists, ids and weights; line n_lines (one past the last) is an empty list."""
+        offsets = self.common.offsets
+        off = np.minimum(np.arange(a, b + 1), len(offsets) - 1)
+        at = offsets[off]
+        if at[-1] - at[0] >= 2**31:
+            raise DataError(f"{b - a} common-feature lines hold {at[-1] - at[0]} entries of one list field: "
+                            "over 2^31; pass a smaller --row-group-size")
+        starts = pa.array((at - at[0]).astype(np.int32))
+        return (pa.ListArray.from_arrays(starts, pa.array(self.ids[at[0]:at[-1]], pa.int32())),
+                pa.ListArray.from_arrays(starts, pa.array(self.common.values[at[0]:at[-1]], pa.float32())))
 
 
 @dataclass
@@ -537,11 +540,6 @@ class ListRows:
     def take(self, sel: np.ndarray) -> tuple[pa.Array, pa.Array]:
         """The rows `sel`: list<int32> ids and list<float32> weights."""
         c = self.from_common[sel]
-        if self.common.arrow is not None and not self.own_counts[sel][~c].any():  # Note [List rows]
-            lines = self.lines[sel]
-            at = pa.array(np.where(lines >= 0, lines, len(self.common.common.offsets) - 1))  # -1: the empty row
-            ids, weights = self.common.arrow
-            return ids.take(at), weights.take(at)
         cl = self.common.common
         lengths = np.where(c, cl.lengths(self.lines[sel]), self.own_counts[sel])
         out = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import BinaryIO
@@ -88,6 +88,21 @@ log = logging.getLogger(__name__)
 # integers, weights that are missing, not a list of numbers, not finite, or of another length than the
 # ids; and a list in a single-valued column (an empty one is "an empty list where a value is required").
 
+# Note [List tables]
+# List fields often belong to an entity that many rows share: Ali-CCP's four behaviour lists are the user's
+# (its common-features line), shared by ~58 samples each. Written per row, they are most of a folder's bytes
+# and of `data prepare`'s time, so a folder may keep them once per entity, in a list table. schema.json's
+# `list_rows` names an integer column of every split file; a split file `<stem>.<suffix>` then has no list
+# columns, and its rows' list fields (and weights) are row `list_rows` of the Parquet file
+# `<stem>.lists.parquet` beside it (list_table_path: train.lists.parquet for train.parquet), which holds
+# only those list columns, checked like inline ones (Note [List columns]). The split file itself may then be
+# CSV: only the list table needs Parquet's list type. The list table becomes a store of its own (CSR, built,
+# keyed and published like any store); a split row pointing past its last row is a DataError naming the split
+# file, the column and the row. Its CSR is memory-mapped (ColumnFile.mapped, the one exception to reading by
+# row ranges) because a window's rows point anywhere in it; the pages that stay resident are bounded by the
+# table, which grows with the entities (users), not with the split's rows. A window's rows of a list field
+# are gathered from the table (data.py, Note [List batches]), so batches equal those of inline list columns.
+
 CACHE_DIR = ".mtldsl-cache"
 CACHE_ENV = "MTLDSL_CACHE_DIR"  # when set, every store lives under it (tests; data on a shared read-only mount)
 CHUNK_ROWS = 1 << 18  # rows per conversion chunk (~30 MB of parsed columns for Ali-CCP's 33)
@@ -104,6 +119,7 @@ class Role(Enum):
     list_ids = "list"  # a list field's ids, concatenated (Note [Column store])
     list_offsets = "offsets"  # its n + 1 row offsets
     list_weights = "weights"  # its weights, aligned with the ids
+    list_rows = "rows"  # each row's row of its list table (Note [List tables])
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,12 @@ class ColumnFile:
         a = self.read(0, self.n)
         return a if dtype is None else a.astype(dtype)
 
+    def mapped(self) -> np.ndarray:
+        """The whole column as a read-only memory map (only for a list table: Note [List tables])."""
+        if not self.n:
+            return np.empty(0, dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.n,))
+
 
 @dataclass(frozen=True)
 class ListColumn:
@@ -161,6 +183,7 @@ class ListColumn:
     ids: object
     offsets: object
     weights: object | None = None
+    rows: object | None = None  # set: the parts above are a list table's, rows each row's row (Note [List tables])
 
 
 @dataclass(frozen=True)
@@ -329,6 +352,8 @@ def _chunk_arrays(df: pd.DataFrame, path: Path, schema: Schema, base: int) -> di
         out[Role.dense, col] = _finite(path, df, col, base)
     if schema.user_id is not None and schema.user_id not in schema.sparse:
         out[Role.group, schema.user_id] = _ids(path, df, schema.user_id, base, non_negative=False)
+    if schema.list_rows:
+        out[Role.list_rows, schema.list_rows] = _ids(path, df, schema.list_rows, base)
     return out
 
 
@@ -345,7 +370,13 @@ class ListChunk:
 
 
 def _list_columns(schema: Schema) -> set[str]:
-    return {*schema.lists, *(schema.list_weights[f] for f in schema.lists if f in schema.list_weights)}
+    """The list columns of a split file: none when its lists live in a list table (Note [List tables])."""
+    return set() if schema.list_rows else set(schema.list_columns)
+
+
+def _inline(schema: Schema) -> tuple[str, ...]:
+    """The list fields a split file holds itself (none when they live in a list table: Note [List tables])."""
+    return () if schema.list_rows else schema.lists
 
 
 def _first_valid(a: object) -> int:
@@ -466,7 +497,7 @@ def _chunks(path: Path, schema: Schema, rows: int | None) -> Iterator[Chunk]:
                     return
             del table
         return
-    if schema.lists:
+    if _inline(schema):
         raise DataError(f"{path}: list field(s) {', '.join(map(repr, schema.lists))} need a Parquet file: CSV has no "
                         "list type (write list<int> ids and list<float> weights to Parquet; Note [List columns])")
     # Every column is read (usecols would drop a row's extra fields silently); pandas then refuses a row with
@@ -507,7 +538,8 @@ def _key(path: Path, schema: Schema, rows: int | None) -> dict[str, object]:
     return {"format": FORMAT, "source": {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
             "rows": rows, "labels": list(schema.labels), "sparse": list(schema.sparse), "dense": list(schema.dense),
             "user_id": schema.user_id, "lists": list(schema.lists), "list_weights": dict(schema.list_weights),
-            **({"hashed": dict(schema.hashed)} if schema.hashed else {})}
+            **({"hashed": dict(schema.hashed)} if schema.hashed else {}),
+            **({"list_rows": schema.list_rows} if schema.list_rows else {})}
 
 
 def _file_name(role: Role, j: int) -> str:
@@ -522,6 +554,7 @@ class _Scan:
     dtypes: dict[tuple[Role, str], np.dtype]
     sizes: dict[tuple[Role, str], int]
     max_ids: dict[str, int]
+    list_rows_max: int | None = None  # the largest list row (Note [List tables])
 
 
 def _scan(path: Path, schema: Schema, rows: int | None) -> _Scan:
@@ -529,17 +562,17 @@ def _scan(path: Path, schema: Schema, rows: int | None) -> _Scan:
     n = 0
     lo: dict[tuple[Role, str], int] = {}
     hi: dict[tuple[Role, str], int] = {}
-    n_ids = {f: 0 for f in schema.lists}
+    n_ids = {f: 0 for f in _inline(schema)}
     binary: dict[str, bool] = {c: True for c in schema.labels}
     for df, raw in _chunks(path, schema, rows):
         for key, a in _chunk_arrays(df, path, schema, n).items():
             role, col = key
             if role is Role.label:
                 binary[col] = binary[col] and bool(((a == 0) | (a == 1)).all())
-            elif role in (Role.sparse, Role.group) and len(a):
+            elif role in (Role.sparse, Role.group, Role.list_rows) and len(a):
                 lo[key] = min(lo.get(key, 0), int(a.min()))
                 hi[key] = max(hi.get(key, 0), int(a.max()))
-        for f in schema.lists:
+        for f in _inline(schema):
             lc = _check_list(path, schema, f, raw, n)
             n_ids[f] += len(lc.ids)
             if len(lc.ids):
@@ -558,7 +591,10 @@ def _scan(path: Path, schema: Schema, rows: int | None) -> _Scan:
     if schema.user_id is not None and schema.user_id not in schema.sparse:
         key = (Role.group, schema.user_id)
         dtypes[key] = narrow_id_dtype(lo.get(key, 0), hi.get(key, 0))
-    for f in schema.lists:
+    if schema.list_rows:
+        key = (Role.list_rows, schema.list_rows)
+        dtypes[key] = narrow_id_dtype(0, hi.get(key, 0))
+    for f in _inline(schema):
         dtypes[Role.list_ids, f] = narrow_id_dtype(0, hi.get((Role.list_ids, f), 0))
         dtypes[Role.list_offsets, f] = np.dtype(np.int64)
         sizes[Role.list_ids, f], sizes[Role.list_offsets, f] = n_ids[f], n + 1
@@ -566,8 +602,9 @@ def _scan(path: Path, schema: Schema, rows: int | None) -> _Scan:
             dtypes[Role.list_weights, f] = np.dtype(np.float32)
             sizes[Role.list_weights, f] = n_ids[f]
     max_ids = {col: hi.get((Role.sparse, col), 0) for col in schema.sparse}
-    max_ids.update({f: hi.get((Role.list_ids, f), 0) for f in schema.lists})
-    return _Scan(n, dtypes, sizes, max_ids)
+    max_ids.update({f: hi.get((Role.list_ids, f), 0) for f in _inline(schema)})
+    rows_max = hi.get((Role.list_rows, schema.list_rows), 0) if schema.list_rows else None
+    return _Scan(n, dtypes, sizes, max_ids, rows_max)
 
 
 def npy_writer(stack: contextlib.ExitStack, path: Path, dtype: np.dtype, n: int) -> BinaryIO:
@@ -586,14 +623,14 @@ def _build(path: Path, schema: Schema, rows: int | None, work: Path) -> None:
     with contextlib.ExitStack() as stack:
         files = {key: npy_writer(stack, work / names[key], dtype, scan.sizes.get(key, n))
                  for key, dtype in dtypes.items()}
-        for f in schema.lists:
+        for f in _inline(schema):
             files[Role.list_offsets, f].write(np.zeros(1, dtype=np.int64).tobytes())
-        at = {f: 0 for f in schema.lists}  # ids written per list field
+        at = {f: 0 for f in _inline(schema)}  # ids written per list field
         written = 0
         for df, raw in _chunks(path, schema, rows):
             for key, a in _chunk_arrays(df, path, schema, written).items():
                 files[key].write(np.ascontiguousarray(a.astype(dtypes[key])).tobytes())
-            for f in schema.lists:
+            for f in _inline(schema):
                 lc = _check_list(path, schema, f, raw, written)
                 files[Role.list_ids, f].write(lc.ids.astype(dtypes[Role.list_ids, f]).tobytes())
                 files[Role.list_offsets, f].write((at[f] + np.cumsum(lc.lengths)).astype(np.int64).tobytes())
@@ -602,8 +639,8 @@ def _build(path: Path, schema: Schema, rows: int | None, work: Path) -> None:
                 at[f] += len(lc.ids)
             written += len(df)
         assert written == n, (path, written, n)
-        assert all(at[f] == scan.sizes[Role.list_ids, f] for f in schema.lists), (path, at)
-    manifest = {**_key(path, schema, rows), "n": n, "max_ids": scan.max_ids,
+        assert all(at[f] == scan.sizes[Role.list_ids, f] for f in _inline(schema)), (path, at)
+    manifest = {**_key(path, schema, rows), "n": n, "max_ids": scan.max_ids, "list_rows_max": scan.list_rows_max,
                 "files": [[key[0].value, key[1], names[key]] for key in dtypes]}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
@@ -683,6 +720,38 @@ def open_store(path: Path, schema: Schema, rows: int | None, root: Path | None =
         groups = cols[Role.sparse].get(schema.user_id) or cols[Role.group][schema.user_id]
     lists = {f: ListColumn(ids, cols[Role.list_offsets][f], cols[Role.list_weights].get(f))
              for f, ids in cols[Role.list_ids].items()}
+    max_ids = dict(manifest["max_ids"])  # type: ignore[call-overload]
+    if schema.list_rows:
+        table = _open_list_table(path, schema, root, cols[Role.list_rows][schema.list_rows], manifest)
+        lists, max_ids = table.lists, {**max_ids, **table.max_ids}
     return Stored(source=path, n=int(manifest["n"]),  # type: ignore[arg-type]
                   labels=cols[Role.label], sparse=cols[Role.sparse], dense=cols[Role.dense], groups=groups,
-                  max_ids=dict(manifest["max_ids"]), lists=lists)  # type: ignore[arg-type]
+                  max_ids=max_ids, lists=lists)
+
+
+def list_table_path(path: Path) -> Path:
+    """The list table of split file `path`: `<stem>.lists.parquet` beside it (Note [List tables])."""
+    return path.with_name(f"{path.name.rsplit('.', 1)[0]}.lists.parquet")
+
+
+def _open_list_table(path: Path, schema: Schema, root: Path, rows: ColumnFile, manifest: dict[str, object]) -> Stored:
+    """The list table of split file `path`, its list fields mapped and pointed at by `rows` (Note [List tables])."""
+    table = list_table_path(path)
+    if not table.is_file():
+        raise DataError(f"{path}: its list fields ({', '.join(schema.lists)}) live in a list table (schema.json's "
+                        f"'list_rows' is '{schema.list_rows}'), but {table} is missing")
+    alone = Schema(name=schema.name, labels=(), sparse=(), dense=(), groups={}, user_id=None, lists=schema.lists,
+                   list_weights=schema.list_weights)
+    stored = open_store(table, alone, None, root)
+    top = manifest.get("list_rows_max")
+    if isinstance(top, int) and top >= stored.n:  # name the first row pointing past the table
+        for a in range(0, rows.n, CHUNK_ROWS):
+            v = rows.read(a, a + CHUNK_ROWS)
+            if (v >= stored.n).any():
+                k = _first(v >= stored.n)
+                raise fail(path, str(schema.list_rows), a + k, f"list row {v[k]} is beyond the {stored.n} rows of "
+                                                              f"its list table {table}")
+    mapped = {f: ListColumn(c.ids.mapped(), c.offsets.mapped(),  # type: ignore[attr-defined]
+                            None if c.weights is None else c.weights.mapped(), rows)  # type: ignore[attr-defined]
+              for f, c in stored.lists.items()}
+    return replace(stored, lists=mapped)
