@@ -24,6 +24,7 @@ __all__ = [
     "DatasetNotFound",
     "KNOWN_DATASETS",
     "KNOWN_LABELS",
+    "LIST_ROW",
     "MAX_VOCAB",
     "SPLITS",
     "SYNTHETIC_VOCAB",
@@ -34,6 +35,7 @@ __all__ = [
     "find_split_files",
     "infer_schema",
     "known_groups",
+    "list_table_path",
     "locate",
     "named",
     "resolve_folder",
@@ -629,8 +631,8 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
                 return info.schema
     label_cols = _label_columns(path, header, labels, spec_labels)
     user_id = next((c for c in header if c.lower() in KNOWN_GROUP_IDS and c not in label_cols), None)
-    lists, list_weights = _parquet_lists(path) if path.suffix == ".parquet" else ((), {})
-    listed = {*lists, *list_weights.values()}
+    lists, list_weights, list_rows = _inferred_lists(path, header)
+    listed = {*lists, *list_weights.values(), *((list_rows,) if list_rows else ())}
     sparse: list[str] = []
     dense: list[str] = []
     for j, col in enumerate(header):
@@ -653,7 +655,30 @@ def infer_schema(folder: str | Path, *, labels: Sequence[str] | None = None, row
         user_id=user_id,
         lists=lists,
         list_weights=list_weights,
+        list_rows=list_rows,
     )
+
+
+LIST_ROW = "list_row"  # the column an inferred schema takes as the list-table row (Note [List tables])
+
+
+def list_table_path(path: Path) -> Path:
+    """The list table of split file `path`: `<stem>.lists.parquet` beside it (Note [List tables] in runtime/store.py)."""
+    return path.with_name(f"{path.name.rsplit('.', 1)[0]}.lists.parquet")
+
+
+def _inferred_lists(path: Path, header: Sequence[str]) -> tuple[tuple[str, ...], dict[str, str], str | None]:
+    """The list fields, their weights and the list-table column of a folder without schema.json: from the train
+    file's list columns, or from its list table, which its `list_row` column points into."""
+    table = list_table_path(path)
+    if not table.is_file():
+        return (*_parquet_lists(path), None) if path.suffix == ".parquet" else ((), {}, None)
+    lists, weights = _parquet_lists(table)
+    if LIST_ROW not in header or not lists:
+        lacks = f"{path} has no '{LIST_ROW}' column" if LIST_ROW not in header else f"{table} has no list<int> column"
+        raise DataError(f"{table} is a list table, but {lacks}: name the list fields and the column that points "
+                        f"into the table ('lists', 'list_rows') in {path.parent / SCHEMA_FILE}")
+    return lists, weights, LIST_ROW
 
 
 WEIGHT_SUFFIXES = ("_w", "_weight", "_weights")  # `<field><suffix>`: the weights of list field <field>

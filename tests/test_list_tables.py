@@ -14,10 +14,10 @@ import pytest
 import torch
 from test_list_data import ROWS_SCHEMA, _check_batches
 
-from mtldsl.catalog import DataError, schema_for, schema_from_json, schema_to_json
+from mtldsl.catalog import DataError, infer_schema, list_table_path, schema_for, schema_from_json, schema_to_json
 from mtldsl.runtime import data as data_mod
 from mtldsl.runtime.data import load_dataset
-from mtldsl.runtime.store import list_table_path, open_store
+from mtldsl.runtime.store import open_store
 
 TABLE_SCHEMA = {**ROWS_SCHEMA, "list_rows": "entity"}
 LIST_KEYS = ("xs.ids", "xs.offsets", "xs.weights", "ys.ids", "ys.offsets")
@@ -70,6 +70,26 @@ def test_a_list_table_gives_the_batches_of_inline_lists(tmp_path: Path, monkeypa
             assert all(torch.equal(x, y) for x, y in zip(getattr(a, split).bags(f)[:2], getattr(b, split).bags(f)[:2]))
     moved = b.val.to("meta").list_cols["xs"]  # moved whole: the split's own rows of the list, no table left
     assert moved.rows is None and moved.offsets.shape == (len(b.val) + 1,)
+    assert b.test.nbytes == a.test.nbytes  # what moving it would take: its rows' lists, not the table
+
+
+def test_a_folder_without_schema_json_finds_its_list_table(tmp_path: Path) -> None:
+    inline, tabled, _, _ = _both(tmp_path)
+    (tabled / "schema.json").unlink()
+    for split in ("train", "test"):
+        rows = pq.read_table(tabled / f"{split}.parquet")
+        pq.write_table(rows.rename_columns(["click", "row", "list_row"]), tabled / f"{split}.parquet")
+    schema = infer_schema(tabled)
+    assert (schema.lists, dict(schema.list_weights), schema.list_rows) == (("xs", "ys"), {"xs": "xs_w"}, "list_row")
+    assert schema.sparse == ("row",)
+    got, want = next(load_dataset(str(tabled)).test.batches(50, shuffle=False)), \
+        next(load_dataset(str(inline)).test.batches(50, shuffle=False))
+    assert all(torch.equal(got[k], want[k]) for k in LIST_KEYS)
+    rows = pq.read_table(tabled / "train.parquet")
+    pq.write_table(rows.rename_columns(["click", "row", "entity"]), tabled / "train.parquet")
+    with pytest.raises(DataError, match=r"train\.lists\.parquet is a list table, but .*train\.parquet has no 'list_row' "
+                                        r"column: name the list fields .* in .*schema\.json"):
+        infer_schema(tabled)
 
 
 def test_the_list_table_is_stored_once_and_mapped(tmp_path: Path) -> None:
@@ -82,6 +102,18 @@ def test_the_list_table_is_stored_once_and_mapped(tmp_path: Path) -> None:
     assert st.max_ids["xs"] == max(i for x in lists.column("xs").to_pylist() for i in x)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == \
         ["train.lists.parquet.all", "train.parquet.all"]
+
+
+def test_a_model_reading_no_list_leaves_the_list_table_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Unread lists]: without list fields to read, the list table is neither converted nor opened."""
+    _, tabled, _, _ = _both(tmp_path)
+    monkeypatch.setenv("MTLDSL_CACHE_DIR", str(tmp_path / "cache"))
+    ds = load_dataset(str(tabled), lists=())
+    assert ds.schema.list_rows is None and not ds.train.list_cols and len(ds.test) == 300
+    assert not list((tmp_path / "cache").rglob("*.lists.parquet.*"))
+    load_dataset(str(tabled), lists=("ys",))
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.lists.parquet.*") if p.is_dir()) == \
+        ["test.lists.parquet.all", "train.lists.parquet.all"]
 
 
 def test_a_csv_split_file_may_point_into_a_list_table(tmp_path: Path) -> None:

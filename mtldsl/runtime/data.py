@@ -338,9 +338,22 @@ class Split:
         n = len(self)
         rows = sum(n * (c.dtype.itemsize if isinstance(c, (np.ndarray, ColumnFile)) else c.element_size())
                    for c in self._columns().values())
-        parts = [p for lc in self.list_cols.values() for p in (lc.ids, lc.offsets, lc.weights) if p is not None]
-        return rows + sum(p.nbytes if isinstance(p, (np.ndarray, ColumnFile)) else p.numel() * p.element_size()
-                          for p in parts)
+        inline = [lc for lc in self.list_cols.values() if lc.rows is None]
+        parts = [p for lc in inline for p in (lc.ids, lc.offsets, lc.weights) if p is not None]
+        tables = sum(self._table_list_bytes(lc) for lc in self.list_cols.values() if lc.rows is not None)
+        return rows + tables + sum(p.nbytes if isinstance(p, (np.ndarray, ColumnFile)) else p.numel() * p.element_size()
+                                   for p in parts)
+
+    def _table_list_bytes(self, lc: ListColumn) -> int:
+        """Bytes of the split's rows of a list field read from a list table, as `to` moves them (one scan of the
+        rows' list-table rows: Note [List tables] in store.py)."""
+        offsets = np.asarray(lc.offsets)
+        n_ids = 0
+        for _, at in self.scan(lc.rows):  # type: ignore[arg-type]
+            at = np.asarray(at, dtype=np.int64)
+            n_ids += int((offsets[at + 1] - offsets[at]).sum())
+        per_id = np.asarray(lc.ids).dtype.itemsize + (4 if lc.weights is not None else 0)
+        return 8 * (len(self) + 1) + n_ids * per_id
 
     def _rows_of(self, col: Column, a: int, b: int) -> np.ndarray | Tensor:
         """Rows [a, b) of the split (not of the column) from one column."""
@@ -655,7 +668,8 @@ def load_dataset(
 def only_lists(schema: Schema, keep: Sequence[str]) -> Schema:
     """The schema with only the list fields in `keep` (and their weights): Note [Unread lists]."""
     lists = tuple(f for f in schema.lists if f in keep)
-    return replace(schema, lists=lists, list_weights={f: w for f, w in schema.list_weights.items() if f in lists})
+    return replace(schema, lists=lists, list_weights={f: w for f, w in schema.list_weights.items() if f in lists},
+                   list_rows=schema.list_rows if lists else None)  # no list read: no list table (Note [List tables])
 
 
 def _stored_split(st: Stored) -> Split:

@@ -41,10 +41,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..catalog import ALI_CCP_LISTS, KNOWN_DATASETS, SCHEMA_FILE, DataError, DatasetNotFound, data_roots, schema_to_json
+from ..catalog import ALI_CCP_LISTS, KNOWN_DATASETS, LIST_ROW, SCHEMA_FILE, DataError, DatasetNotFound, data_roots, schema_to_json
 from .prepare_join import SKELETON_COLUMNS, CommonIds, CommonTable, Fields, IdCounts, ListRows, Vocab, build_vocab, parse_rows
 from .prepare_read import Chunk, read_chunks
-from .prepare_write import LIST_ROW, SplitWriter, publish, remove_stale, table_schemas
+from .prepare_write import SplitWriter, publish, remove_stale, table_schemas
 
 __all__ = [
     "DEFAULT_BLOCK",

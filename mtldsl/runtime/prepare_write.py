@@ -15,14 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..catalog import SCHEMA_FILE
+from ..catalog import LIST_ROW, SCHEMA_FILE, list_table_path
 from .prepare_join import CommonIds
-from .store import list_table_path
 
-__all__ = ["LABELS", "LIST_ROW", "SplitWriter", "publish", "remove_stale", "table_schemas"]
+__all__ = ["LABELS", "SplitWriter", "publish", "remove_stale", "table_schemas"]
 
 LABELS = ("click", "purchase")
-LIST_ROW = "list_row"  # each row's row of its split's list table (Note [List tables] in runtime/store.py)
 
 
 class SplitWriter:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as ptypes
 
-from mtldsl.catalog import DataError, Schema
+from mtldsl.catalog import DataError, Schema, list_table_path
 from mtldsl.datafiles import open_csv, read_header, unreadable
 
 __all__ = ["CACHE_DIR", "CACHE_ENV", "CHUNK_ROWS", "FORMAT", "ColumnFile", "ListColumn", "Role", "Stored", "cache_root",
@@ -727,11 +727,6 @@ def open_store(path: Path, schema: Schema, rows: int | None, root: Path | None =
     return Stored(source=path, n=int(manifest["n"]),  # type: ignore[arg-type]
                   labels=cols[Role.label], sparse=cols[Role.sparse], dense=cols[Role.dense], groups=groups,
                   max_ids=max_ids, lists=lists)
-
-
-def list_table_path(path: Path) -> Path:
-    """The list table of split file `path`: `<stem>.lists.parquet` beside it (Note [List tables])."""
-    return path.with_name(f"{path.name.rsplit('.', 1)[0]}.lists.parquet")
 
 
 def _open_list_table(path: Path, schema: Schema, root: Path, rows: ColumnFile, manifest: dict[str, object]) -> Stored:
