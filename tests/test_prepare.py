@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -308,9 +309,29 @@ def test_the_train_error_wins_over_the_test_side_running_beside_it(tmp_path) -> 
         with pytest.raises(DataError, match=r"sample_skeleton_train\.csv: line 7: expected 6 comma-separated"):
             P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1, workers=workers)
     train.write_bytes(good_train)  # the train files are good now: the test common file's error is reported
-    with pytest.raises(DataError, match=r"common_features_test\.csv: line 3: field 109_14: .*got 'inf'"):
-        P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1)
+    for workers in (1, 2):
+        with pytest.raises(DataError, match=r"common_features_test\.csv: line 3: field 109_14: .*got 'inf'"):
+            P.prepare_ali_ccp(raw, tmp_path / "out", min_count=1, workers=workers)
     assert not list((tmp_path / "out").glob(".prepare-*"))
+
+
+def test_one_worker_is_one_thread(tmp_path, monkeypatch) -> None:
+    """--workers 1: both splits read, mapped and written in the calling thread (Note [Prepare threads])."""
+    raw = tmp_path / "raw"
+    write_raw(raw, n_train=60, n_test=30)
+    threads = set()
+    for stage in ("_read_common", "_count_chunk", "_map_chunk"):
+        real = getattr(P, stage)
+
+        def spy(*args, real=real, **kwargs):
+            threads.add(threading.current_thread().name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(P, stage, spy)
+    report = P.prepare_ali_ccp(raw, tmp_path / "one", min_count=1, workers=1)
+    assert threads == {threading.current_thread().name} and report.rows["test"] > 0
+    P.prepare_ali_ccp(raw, tmp_path / "two", min_count=1, workers=2)
+    assert len(threads) > 1 and _bytes(tmp_path / "one") == _bytes(tmp_path / "two")
 
 
 def test_a_failing_train_side_stops_the_test_side(tmp_path, monkeypatch) -> None:

@@ -64,7 +64,7 @@ def prepare_cmd(
                                    help="Bytes of raw text parsed at once, per worker (with the common-features "
                                         "tables of the two splits, what bounds memory)."),
     workers: int = typer.Option(2, "--workers", help="Threads parsing blocks, shared by the train and test splits "
-                                "in the second pass (output is the same for any number)."),
+                                "(1: one thread in all; output is the same for any number)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     last_entry: bool = typer.Option(False, "--last-entry",
                                     help="Keep only the last id of each behaviour list (109_14, 110_14, 127_14, "

@@ -274,7 +274,25 @@ class _TrainCounts:
 # one thread that reads, maps and writes, which beat two workers a side by 11-16 % on 6M + 6M rows).
 # The test common table is taken only after pass 1 and the test pass's result only after the train
 # pass, so the error reported is still the first in today's order; when the train side fails, the
-# test side stops at its next block (`_stoppable`). Memory holds both common tables.
+# test side stops at its next block (`_stoppable`). Memory holds both common tables. With `--workers 1`
+# everything runs in the calling thread (`_Serial`): the test side's steps run where they would start,
+# and their errors are kept until the threaded side's would be taken, so the order reported is the same.
+
+
+class _Serial:
+    """The test side's executor with one worker: each job runs in the calling thread when submitted, and its
+    error waits in its Future until the result is taken (Note [Prepare threads])."""
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> Future[_T]:
+        done: Future[_T] = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as e:  # raised by .result(), where the threaded side's would be
+            done.set_exception(e)
+        return done
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
 
 
 def _in_order(jobs: Iterator[Callable[[], _T]], workers: int) -> Iterator[_T]:
@@ -574,7 +592,7 @@ def prepare_ali_ccp(
     writers: dict[str, SplitWriter] = {}
     stop = threading.Event()  # set when the train side fails: the test side stops (Note [Prepare threads])
     side_bars = _Bars(progress, None, position=1)
-    side = ThreadPoolExecutor(1, thread_name_prefix="prepare-test")
+    side = ThreadPoolExecutor(1, thread_name_prefix="prepare-test") if workers > 1 else _Serial()
     try:
         test_common = side.submit(_read_common, files["common_features_test"], fields, block_size, side_bars, stop)
         # pass 1: id counts and dense ranges over the train rows
