@@ -105,15 +105,19 @@ def test_the_list_table_is_stored_once_and_mapped(tmp_path: Path) -> None:
 
 
 def test_a_model_reading_no_list_leaves_the_list_table_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Note [Unread lists]: without list fields to read, the list table is neither converted nor opened."""
+    """Note [Unread lists]: reading no list field converts and opens no list table; reading one keeps the split
+    files' stores as they were (they hold the list-table column either way)."""
     _, tabled, _, _ = _both(tmp_path)
     monkeypatch.setenv("MTLDSL_CACHE_DIR", str(tmp_path / "cache"))
     ds = load_dataset(str(tabled), lists=())
-    assert ds.schema.list_rows is None and not ds.train.list_cols and len(ds.test) == 300
+    assert not ds.train.list_cols and len(ds.test) == 300
     assert not list((tmp_path / "cache").rglob("*.lists.parquet.*"))
+    stores = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("manifest.json")}
+    assert len(stores) == 2  # train and test
     load_dataset(str(tabled), lists=("ys",))
-    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.lists.parquet.*") if p.is_dir()) == \
+    assert sorted(p.parent.name for p in (tmp_path / "cache").rglob("*.lists.parquet.*/manifest.json")) == \
         ["test.lists.parquet.all", "train.lists.parquet.all"]
+    assert all(p.stat().st_mtime_ns == t for p, t in stores.items())  # the split files' stores were kept
 
 
 def test_a_csv_split_file_may_point_into_a_list_table(tmp_path: Path) -> None:

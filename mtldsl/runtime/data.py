@@ -661,15 +661,17 @@ def load_dataset(
 # took 40 GiB of its 47 at full size, although a spec that says `fields all` never reads them. So
 # training, evaluation and prediction load only the list fields the generated model reads
 # (LIST_FIELDS): the schema they load with names just those (and their weights), and the column store,
-# keyed by the schema, converts just those. Two specs that read different lists get two stores; their
-# single-valued columns are stored twice, which costs little beside the lists.
+# keyed by the schema, converts just those. A file has one store, so a spec that reads other lists than
+# the last one converts the file again. A folder whose lists live in list tables (Note [List tables] in
+# store.py; `data prepare` writes them) avoids that: its split files' stores hold the list-table column
+# whatever the spec reads, and only the list tables, small, are converted again; a spec that reads no
+# list opens no list table.
 
 
 def only_lists(schema: Schema, keep: Sequence[str]) -> Schema:
     """The schema with only the list fields in `keep` (and their weights): Note [Unread lists]."""
     lists = tuple(f for f in schema.lists if f in keep)
-    return replace(schema, lists=lists, list_weights={f: w for f, w in schema.list_weights.items() if f in lists},
-                   list_rows=schema.list_rows if lists else None)  # no list read: no list table (Note [List tables])
+    return replace(schema, lists=lists, list_weights={f: w for f, w in schema.list_weights.items() if f in lists})
 
 
 def _stored_split(st: Stored) -> Split:

@@ -5,8 +5,8 @@
 behaviour lists (the default) their list tables `<split>.lists.parquet` (Note [List tables] in
 runtime/store.py), `schema.json` (the catalog's `ali_ccp` schema with vocabulary sizes: catalog.ALI_CCP_LISTS
 with the list-table column, or the single-valued one with `last_entry`), `vocab.parquet` (raw feature id ->
-model id per field) and `prepare.json` (settings, row counts, ranges) into OUT. Note [Ali-CCP raw format] describes
-the input and the mapping; Note [Prepare passes] how it runs.
+model id per field) and `prepare.json` (settings, row counts, ranges) into OUT. Note [Ali-CCP raw format]
+describes the input and the mapping; Note [Prepare passes] how it runs.
 
 The raw text is cut into blocks of `block_size` bytes, parsed by pyarrow's CSV parser, and every step
 runs on whole chunks (pyarrow compute kernels and numpy), never line by line (runtime/prepare_read.py),
@@ -41,7 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..catalog import ALI_CCP_LISTS, KNOWN_DATASETS, LIST_ROW, SCHEMA_FILE, DataError, DatasetNotFound, data_roots, schema_to_json
+from ..catalog import (ALI_CCP_LISTS, KNOWN_DATASETS, LIST_ROW, SCHEMA_FILE, DataError, DatasetNotFound, data_roots,
+                       schema_to_json)
 from .prepare_join import SKELETON_COLUMNS, CommonIds, CommonTable, Fields, IdCounts, ListRows, Vocab, build_vocab, parse_rows
 from .prepare_read import Chunk, read_chunks
 from .prepare_write import SplitWriter, publish, remove_stale, table_schemas

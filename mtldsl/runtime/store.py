@@ -537,7 +537,8 @@ def _key(path: Path, schema: Schema, rows: int | None) -> dict[str, object]:
     st = path.stat()
     return {"format": FORMAT, "source": {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
             "rows": rows, "labels": list(schema.labels), "sparse": list(schema.sparse), "dense": list(schema.dense),
-            "user_id": schema.user_id, "lists": list(schema.lists), "list_weights": dict(schema.list_weights),
+            "user_id": schema.user_id, "lists": list(_inline(schema)),  # a list table's lists: its own key
+            "list_weights": {f: w for f, w in schema.list_weights.items() if f in _inline(schema)},
             **({"hashed": dict(schema.hashed)} if schema.hashed else {}),
             **({"list_rows": schema.list_rows} if schema.list_rows else {})}
 
@@ -721,7 +722,7 @@ def open_store(path: Path, schema: Schema, rows: int | None, root: Path | None =
     lists = {f: ListColumn(ids, cols[Role.list_offsets][f], cols[Role.list_weights].get(f))
              for f, ids in cols[Role.list_ids].items()}
     max_ids = dict(manifest["max_ids"])  # type: ignore[call-overload]
-    if schema.list_rows:
+    if schema.list_rows and schema.lists:  # no list field read: the list table stays closed (Note [Unread lists])
         table = _open_list_table(path, schema, root, cols[Role.list_rows][schema.list_rows], manifest)
         lists, max_ids = table.lists, {**max_ids, **table.max_ids}
     return Stored(source=path, n=int(manifest["n"]),  # type: ignore[arg-type]
