@@ -195,6 +195,9 @@ def test_spec_fields_missing_from_the_data_are_positioned(tmp_path: Path) -> Non
     (["--monitor", "ctr.mse"], "error: monitor 'ctr.mse': mse needs a regression output, and 'ctr' is binary "
                                "(monitor 'ctr.auc' or 'ctr.logloss')"),
     (["--epochs", "0"], "error: --epochs must be positive, got 0"),
+    (["--lr", "nan"], "error: --lr must be a positive finite number, got nan"),
+    (["--lr", "inf"], "error: --lr must be a positive finite number, got inf"),
+    (["--lr", "-0.5"], "error: --lr must be a positive finite number, got -0.5"),
     (["--device", "tpu"], "error: unknown device 'tpu'"),
     (["--resume"], "error: --resume needs --out RUN_DIR"),
     (["--sparse-embeddings", "yes"], "error: unknown --sparse-embeddings setting 'yes'; one of auto, on, off"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,8 +243,9 @@ def validate_config(cfg: TrainConfig) -> None:
         if value is None:
             continue
         flag = o.flag
-        if o.check is Check.positive and value <= 0:
-            raise ConfigError(f"{flag} must be positive, got {value}")
+        if o.check is Check.positive and not (value > 0 and math.isfinite(value)):  # nan and inf are not
+            raise ConfigError(f"{flag} must be a positive finite number, got {value}" if isinstance(value, float)
+                              else f"{flag} must be positive, got {value}")
         if o.check is Check.non_negative and value < 0:
             raise ConfigError(f"{flag} must not be negative, got {value}")
         if o.choices is not None:
