@@ -432,6 +432,8 @@ def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonT
     own = np.zeros(n, dtype=bool)
     for j in fields.lists:
         own |= rows.own_lists[j].counts > 0
+    own_lists = [ListRows.of(rows, j, common, list_ids[j], vocab[s])  # once for both targets (Note [Own lists])
+                 for s, j in enumerate(fields.lists, len(fields.sparse))] if own.any() else []
     targets = {split: rows.keep} if val is None else {"train": rows.keep & (val == 0), "val": rows.keep & (val != 0)}
     tables = {}
     for target, mask in targets.items():
@@ -440,11 +442,10 @@ def _map_chunk(chunk: Chunk, val: np.ndarray | None, split: str, common: CommonT
             columns = [pa.array(c) for c in (rows.click[sel], rows.purchase[sel], *(i[sel] for i in ids))]
             mine, lists = own[sel], None
             if mine.any():  # placeholders -1 - k, made rows of the list table when it is written (Note [Own lists])
-                lists = pa.Table.from_arrays([a for s, j in enumerate(fields.lists, len(fields.sparse)) for a in
-                                              ListRows.of(rows, j, common, list_ids[j], vocab[s]).take(sel[mine])],
+                lists = pa.Table.from_arrays([a for rows_of in own_lists for a in rows_of.take(sel[mine])],
                                              schema=list_schema)
             if fields.lists:
-                columns.append(pa.array(np.where(mine, -1 - np.cumsum(mine) + 1, list_row[sel]).astype(np.int32)))
+                columns.append(pa.array(np.where(mine, -np.cumsum(mine), list_row[sel]).astype(np.int32)))
             columns += [pa.array(d[sel]) for d in dense]
             tables[target] = (pa.Table.from_arrays(columns, schema=schema), lists)
     return _Mapped(n, tables, skipped)
