@@ -28,6 +28,7 @@ import torch
 from ..pipeline import Checked
 from .binding import DEVICE_DATA_SHARE, Prepared, check_vocab, data_fits, prepare
 from .checkpoint import LoadedRun, load_run
+from .host import keep_freed_memory
 from .config import CHECKPOINT_EVERY, ConfigError, TrainConfig, bind_options, signature
 from .loop import RunResult, Trainer, TrainingDiverged, run
 from .objective import EVAL_BATCH, Objective, evaluate_split, format_table
@@ -78,6 +79,7 @@ def train(spec: str | Path | Checked, **options: Any) -> RunResult:
     (Note [Mixed precision]).
     """
     given = bind_options("train", options)
+    keep_freed_memory()  # Note [Page faults]
     with contextlib.ExitStack() as stack:  # leaves the torchrun process group at the end, on error too
         return run(stack, spec, given)
 
@@ -103,6 +105,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, *, data_dir: str | No
              split: str = "test", device: str = "auto", batch_size: int | None = None) -> EvalResult:
     """Per-task metrics of a run's best checkpoint on a split of its dataset (or of `data`)."""
     _check_split(split)
+    keep_freed_memory()  # Note [Page faults]
     loaded = load_run(run_dir, data=data, data_dir=data_dir, rows=rows, device=device)
     check_vocab(loaded.prepared.cls, loaded.prepared.dataset, split, loaded.checkpoint["vocab_sizes"])
     metrics = evaluate_split(loaded.model, loaded.prepared.splits[split], loaded.prepared.objective,
@@ -124,6 +127,7 @@ def predict(run_dir: str | Path, out_file: str | Path, data: str | None = None, 
     if suffix not in (".parquet", ".csv"):
         raise ConfigError(f"{out_file}: unknown prediction format '{out_file.suffix}' (use .parquet or .csv)")
     _check_split(split)
+    keep_freed_memory()  # Note [Page faults]
     loaded = load_run(run_dir, data=data, data_dir=data_dir, rows=rows, device=device)
     check_vocab(loaded.prepared.cls, loaded.prepared.dataset, split, loaded.checkpoint["vocab_sizes"])
     cut = loaded.prepared.splits[split]
