@@ -19,14 +19,15 @@ __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
 # more than M_TRIM_THRESHOLD of it is free. Both thresholds start at 128 KiB and only creep up. A training
 # step allocates and frees the same activations every time: (1024, 2048) bf16, 4 MiB, for MMoE's first
 # expert layer. So every step faults the same pages in again: the kernel zeroes each 4 KiB page, ~3.9 us on
-# this VM. The trainer took a median 511 minor faults a step on MMoE (~2 ms of a 33 ms step), and a bare
-# step loop 2,400. The time is charged to whichever op first writes the page, usually a copy_ or a GEMM's
-# bias broadcast.
+# this VM. The trainer took a median 511 minor faults a step on MMoE, a bare step loop 2,400. The time is
+# charged to whichever op first writes the page, usually a copy_ or a GEMM's bias broadcast, and costs more
+# than the faults' count says (the pages also arrive cold): MMoE trained at 30.0k samples/s with the fix
+# against 24.1k without, PLE at 40.1k against 32.0k (medians of alternating processes, benchmarks/RESULTS.md).
 #
 # keep_freed_memory() fixes both thresholds: blocks up to MMAP_THRESHOLD (32 MiB, glibc's maximum on 64-bit)
 # come from the heap, and freed heap memory is kept up to TRIM_THRESHOLD. The trainer's faults go to 0 a
-# step after the first few. Peak RSS is unchanged: a freed block is reused by the next step rather than
-# returned. This is what LD_PRELOADing jemalloc or tcmalloc, PyTorch's CPU tuning advice, achieves, without
+# step after the first few. Peak RSS is unchanged (MMoE on 1M rows: 628 against 629 MB): a freed block is
+# reused by the next step rather than returned. This is what LD_PRELOADing jemalloc or tcmalloc, PyTorch's CPU tuning advice, achieves, without
 # a second allocator. A user who sets MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or glibc.malloc
 # tunables in GLIBC_TUNABLES keeps their setting.
 
