@@ -1,7 +1,9 @@
-"""Process-wide settings of the host that training and inference run faster with: glibc's malloc thresholds.
+"""Process-wide settings of the host that training, inference and `data prepare` run faster with: glibc's
+malloc thresholds.
 
-`keep_freed_memory()` is called by train, evaluate and predict (trainer.py); it is idempotent, and a no-op
-where the C library is not glibc or where the user has set the thresholds through the environment.
+`keep_freed_memory()` is called by train, evaluate and predict (trainer.py) and by prepare_ali_ccp; it is
+idempotent, and a no-op where the C library is not glibc or where the user has set the thresholds through
+the environment.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from ..catalog import (ALI_CCP_LISTS, KNOWN_DATASETS, LIST_ROW, SCHEMA_FILE, DataError, DatasetNotFound, data_roots,
                        schema_to_json)
+from .host import keep_freed_memory
 from .prepare_join import SKELETON_COLUMNS, CommonIds, CommonTable, Fields, IdCounts, ListRows, Vocab, build_vocab, parse_rows
 from .prepare_read import Chunk, read_chunks
 from .prepare_write import SplitWriter, publish, remove_stale, table_schemas
@@ -579,6 +580,7 @@ def prepare_ali_ccp(
     if row_group_size < 1 or block_size < 1 or workers < 1:
         raise ValueError(f"row_group_size, block_size and workers must be positive, got {row_group_size}, "
                          f"{block_size}, {workers}")
+    keep_freed_memory()  # Note [Page faults]: 9-22 % less wall on 6M + 6M rows, the same peak RSS
     raw = Path(raw).expanduser()
     out = Path(out).expanduser() if out is not None else default_out()
     files = _find_raw(raw)
