@@ -75,9 +75,10 @@ from mtldsl.runtime.host import keep_freed_memory
 
 def heap() -> int:  # bytes of the main arena's heap ([heap] in /proc/self/maps)
     with open("/proc/self/maps") as f:
-        return sum(int(b, 16) - int(a, 16) for a, b in (line.split()[0].split("-") for line in f if line.rstrip().endswith("[heap]")))
+        spans = [line.split()[0].split("-") for line in f if line.rstrip().endswith("[heap]")]
+    return sum(int(b, 16) - int(a, 16) for a, b in spans)
 
-def grows(mib: int) -> tuple[int, int]:  # how much the heap grows for a block of `mib` MiB, and still holds once it is freed
+def grows(mib: int) -> tuple[int, int]:  # the heap's growth for a block of `mib` MiB, and once it is freed
     before = heap()
     block = torch.ones(mib << 18)
     held = heap() - before

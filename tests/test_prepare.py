@@ -257,26 +257,6 @@ def test_output_is_deterministic(prepared, tmp_path) -> None:
     assert (again.out / "schema.json").read_text() == (out / "schema.json").read_text()
 
 
-@pytest.mark.parametrize("beside", [True, False], ids=["store beside the data", "MTLDSL_CACHE_DIR"])
-def test_a_rerun_removes_the_stores_of_the_files_it_replaces(prepared, tmp_path, monkeypatch, beside) -> None:
-    from mtldsl.runtime.store import cache_root
-
-    raw = prepared[0]
-    if beside:
-        monkeypatch.delenv("MTLDSL_CACHE_DIR")
-    out = P.prepare_ali_ccp(raw, tmp_path / "ali_ccp", min_count=3).out
-    ds = load_dataset(str(out), binary_labels=("click", "purchase"))  # converts every split file into a store
-    assert len(ds.train) > 0
-    root = cache_root(out)
-    assert root == (out / ".mtldsl-cache" if beside else Path(os.environ["MTLDSL_CACHE_DIR"]) / root.name)
-    stores = sorted(p.name for p in root.iterdir() if p.is_dir())
-    assert {"train.parquet.all", "val.parquet.all", "test.parquet.all"} <= set(stores), stores
-    (root / "other.csv.all").mkdir()  # a store of a file prepare does not write
-    P.prepare_ali_ccp(raw, out, min_count=3)
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["other.csv.all"]
-    assert len(load_dataset(str(out), binary_labels=("click", "purchase")).train) == len(ds.train)  # rebuilt
-
-
 def test_raw_files_in_split_subfolders_and_missing_files(tmp_path) -> None:
     raw = tmp_path / "raw"
     write_raw(raw, n_train=80, n_test=40)

@@ -29,9 +29,9 @@ __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
 # keep_freed_memory() fixes both thresholds: blocks up to MMAP_THRESHOLD (32 MiB, glibc's maximum on 64-bit)
 # come from the heap, and freed heap memory is kept up to TRIM_THRESHOLD. The trainer's faults go to 0 a
 # step after the first few. Peak RSS is unchanged (MMoE on 1M rows: 628 against 629 MB): a freed block is
-# reused by the next step rather than returned. This is what LD_PRELOADing jemalloc or tcmalloc, PyTorch's CPU tuning advice, achieves, without
-# a second allocator. A user who sets MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or glibc.malloc
-# tunables in GLIBC_TUNABLES keeps their setting.
+# reused by the next step rather than returned. This is what LD_PRELOADing jemalloc or tcmalloc (PyTorch's
+# CPU tuning advice) achieves, without a second allocator to install. A user who sets MALLOC_MMAP_THRESHOLD_,
+# MALLOC_TRIM_THRESHOLD_ or glibc.malloc tunables in GLIBC_TUNABLES keeps their setting.
 
 MMAP_THRESHOLD = 32 << 20  # bytes: blocks up to this size come from the heap (glibc's DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept before glibc returns it to the kernel

@@ -41,13 +41,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..catalog import (ALI_CCP_LISTS, KNOWN_DATASETS, LIST_ROW, SCHEMA_FILE, SPLITS, DataError, DatasetNotFound,
-                       data_roots, list_table_path, schema_to_json)
+from ..catalog import (ALI_CCP_LISTS, KNOWN_DATASETS, LIST_ROW, SCHEMA_FILE, DataError, DatasetNotFound, data_roots,
+                       schema_to_json)
 from .host import keep_freed_memory
 from .prepare_join import SKELETON_COLUMNS, CommonIds, CommonTable, Fields, IdCounts, ListRows, Vocab, build_vocab, parse_rows
 from .prepare_read import Chunk, read_chunks
 from .prepare_write import SplitWriter, publish, remove_stale, table_schemas
-from .store import drop_stores
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -551,16 +550,6 @@ def _write_side_files(work: Path, files: Mapping[str, Path], schema: Any, vocab:
     return dense_range
 
 
-def _work_folder(out: Path) -> Path:
-    """OUT, cleared of killed prepares' folders and of the column stores of the files this one replaces; the
-    temporary folder it writes into."""
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    replaced = [out / f"{split}.parquet" for split in SPLITS]
-    drop_stores(out, [p.name for f in replaced for p in (f, list_table_path(f))])
-    return Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out))
-
-
 def prepare_ali_ccp(
     raw: str | Path,
     out: str | Path | None = None,
@@ -601,7 +590,9 @@ def prepare_ali_ccp(
     sparse = (*schema.sparse, *schema.lists)  # every id field: the vocabulary's
     fields = Fields.of(schema.sparse, schema.dense, schema.lists)
 
-    work = _work_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    work = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out))
     writers: dict[str, SplitWriter] = {}
     stop = threading.Event()  # set when the train side fails: the test side stops (Note [Prepare threads])
     side_bars = _Bars(progress, None, position=1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -69,8 +68,7 @@ log = logging.getLogger(__name__)
 # deterministic), so it always describes the files as they are now; the run folder records the schema a
 # run trained on (schema.json). Column stores live in the user cache, keyed by each file's size and
 # mtime (a changed file is converted again), so a stale cache never wins over the data. Folders written
-# by `mtldsl data prepare` are mtldsl's, and keep their store beside the data; a new prepare into the
-# folder first removes the stores of the files it replaces (`drop_stores`).
+# by `mtldsl data prepare` are mtldsl's, and keep their store beside the data.
 # Reading never maps a column: a ColumnFile reads row ranges with positioned reads, a window of blocks
 # at a time (data.py, Note [Block shuffle]). Pages of a memory map stay in the process's resident set
 # until unmapped, so mapping a 40M-row column would make peak RSS grow with the file again; reads
@@ -221,38 +219,19 @@ def user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "mtldsl"
 
 
-def cache_root(folder: Path, create: bool = True) -> Path:
-    """Where the stores of a data folder live (Note [Column store]); created unless `create` is False."""
+def cache_root(folder: Path) -> Path:
+    """Where the stores of a data folder live (Note [Column store])."""
     explicit = os.environ.get(CACHE_ENV)
     if not explicit and (folder / PREPARED).is_file() and os.access(folder, os.W_OK):
         try:
-            if create:
-                (folder / CACHE_DIR).mkdir(exist_ok=True)
+            (folder / CACHE_DIR).mkdir(exist_ok=True)
             return folder / CACHE_DIR
         except OSError:
             pass
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
     root = user_cache() / f"{folder.name}-{key}"
-    if create:
-        root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def drop_stores(folder: Path, names: Sequence[str]) -> list[Path]:
-    """Remove the column stores of `folder`'s files `names`, each under its build lock; the stores removed.
-
-    `data prepare` calls it before it replaces those files: their stores would be stale, rebuilt by the next
-    run beside the old ones, and at full size the stores take twice the data's disk (7.3 GiB for Ali-CCP).
-    """
-    root = cache_root(folder, create=False)
-    removed = []
-    for name in names:
-        for final in sorted(root.glob(f"{glob.escape(name)}.*")):  # <name>.all, <name>.<rows cap>
-            if final.is_dir():
-                with _locked(root / f".lock-{final.name}"):
-                    shutil.rmtree(final, ignore_errors=True)
-                removed.append(final)
-    return removed
 
 
 # --- checks (every value, by file, column and 1-based row) -----------------------------------------

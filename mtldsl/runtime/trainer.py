@@ -28,8 +28,8 @@ import torch
 from ..pipeline import Checked
 from .binding import DEVICE_DATA_SHARE, Prepared, check_vocab, data_fits, prepare
 from .checkpoint import LoadedRun, load_run
-from .host import keep_freed_memory
 from .config import CHECKPOINT_EVERY, ConfigError, TrainConfig, bind_options, signature
+from .host import keep_freed_memory
 from .loop import RunResult, Trainer, TrainingDiverged, run
 from .objective import EVAL_BATCH, Objective, evaluate_split, format_table
 from .optim import SPARSE_AUTO_BYTES, shared_parameters
