@@ -550,6 +550,13 @@ def _write_side_files(work: Path, files: Mapping[str, Path], schema: Any, vocab:
     return dense_range
 
 
+def _work_folder(out: Path) -> Path:
+    """A fresh temporary folder in OUT (created) for this prepare's files, once killed prepares' are removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    return Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out))
+
+
 def prepare_ali_ccp(
     raw: str | Path,
     out: str | Path | None = None,
@@ -590,9 +597,7 @@ def prepare_ali_ccp(
     sparse = (*schema.sparse, *schema.lists)  # every id field: the vocabulary's
     fields = Fields.of(schema.sparse, schema.dense, schema.lists)
 
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    work = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out))
+    work = _work_folder(out)
     writers: dict[str, SplitWriter] = {}
     stop = threading.Event()  # set when the train side fails: the test side stops (Note [Prepare threads])
     side_bars = _Bars(progress, None, position=1)
