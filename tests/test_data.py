@@ -469,6 +469,14 @@ def test_data_moves_to_an_accelerator_only_when_it_fits() -> None:
     free = 1000
     fits = int(DEVICE_DATA_SHARE * free)
     assert data_fits(fits, torch.device("cuda"), free) and not data_fits(fits + 1, torch.device("cuda"), free)
+    asked: list[int] = []
+
+    def size() -> int:  # as binding passes Split.nbytes: a scan, left undone on a CPU
+        asked.append(1)
+        return fits + 1
+
+    assert data_fits(size, torch.device("cpu")) and not asked
+    assert not data_fits(size, torch.device("cuda"), free) and asked == [1]
 
 
 def test_training_on_streamed_batches_equals_resident_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ splits holding only the model's columns and the label products, on the device or
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -93,19 +93,22 @@ def _cut(split: Any, cls: type, objective: Objective) -> Any:
     )
 
 
-def data_fits(nbytes: int, device: torch.device, free: int | None = None) -> bool:
+def data_fits(nbytes: int | Callable[[], int], device: torch.device, free: int | None = None) -> bool:
     """Whether splits of `nbytes` may move to `device` whole (Note [Streamed batches]): always on a CPU; on an
-    accelerator when they take at most DEVICE_DATA_SHARE of its free memory (`free`, else asked of the device)."""
+    accelerator when they take at most DEVICE_DATA_SHARE of its free memory (`free`, else asked of the device).
+
+    `nbytes` may be a function giving it, called only for an accelerator: Split.nbytes scans the rows of
+    list-table fields (Note [List tables] in store.py), work a CPU run does not need."""
     if device.type == "cpu":
         return True
     if free is None:
         free = torch.cuda.mem_get_info(device)[0]
-    return nbytes <= DEVICE_DATA_SHARE * free
+    return (nbytes() if callable(nbytes) else nbytes) <= DEVICE_DATA_SHARE * free
 
 
 def _place(splits: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Move the splits to `device` when they fit there, else leave them on the host, streaming batches to it."""
-    if data_fits(sum(split.nbytes for split in splits.values()), device):
+    if data_fits(lambda: sum(split.nbytes for split in splits.values()), device):
         return {name: split.to(device) for name, split in splits.items()}
     return {name: replace(split, stream_to=device) for name, split in splits.items()}
 

@@ -340,20 +340,26 @@ class Split:
                    for c in self._columns().values())
         inline = [lc for lc in self.list_cols.values() if lc.rows is None]
         parts = [p for lc in inline for p in (lc.ids, lc.offsets, lc.weights) if p is not None]
-        tables = sum(self._table_list_bytes(lc) for lc in self.list_cols.values() if lc.rows is not None)
+        tables = self._table_list_bytes([lc for lc in self.list_cols.values() if lc.rows is not None])
         return rows + tables + sum(p.nbytes if isinstance(p, (np.ndarray, ColumnFile)) else p.numel() * p.element_size()
                                    for p in parts)
 
-    def _table_list_bytes(self, lc: ListColumn) -> int:
-        """Bytes of the split's rows of a list field read from a list table, as `to` moves them (one scan of the
-        rows' list-table rows: Note [List tables] in store.py)."""
-        offsets = np.asarray(lc.offsets)
-        n_ids = 0
-        for _, at in self.scan(lc.rows):  # type: ignore[arg-type]
-            at = np.asarray(at, dtype=np.int64)
-            n_ids += int((offsets[at + 1] - offsets[at]).sum())
-        per_id = np.asarray(lc.ids).dtype.itemsize + (4 if lc.weights is not None else 0)
-        return 8 * (len(self) + 1) + n_ids * per_id
+    def _table_list_bytes(self, fields: list[ListColumn]) -> int:
+        """Bytes of the split's rows of list fields read from list tables, as `to` moves them (one scan of each
+        list-table row column, which a table's fields share: Note [List tables] in store.py)."""
+        total = 0
+        for rows in {id(lc.rows): lc.rows for lc in fields}.values():
+            sharing = [lc for lc in fields if lc.rows is rows]
+            offsets = [np.asarray(lc.offsets) for lc in sharing]
+            n_ids = [0] * len(sharing)
+            for _, at in self.scan(rows):  # type: ignore[arg-type]
+                at = np.asarray(at, dtype=np.int64)
+                for k, off in enumerate(offsets):
+                    n_ids[k] += int((off[at + 1] - off[at]).sum())
+            for lc, n in zip(sharing, n_ids):
+                per_id = np.asarray(lc.ids).dtype.itemsize + (4 if lc.weights is not None else 0)
+                total += 8 * (len(self) + 1) + n * per_id
+        return total
 
     def _rows_of(self, col: Column, a: int, b: int) -> np.ndarray | Tensor:
         """Rows [a, b) of the split (not of the column) from one column."""
